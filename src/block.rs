@@ -1,0 +1,342 @@
+//! Loop devices through raw ioctls: attach (LOOP_CONFIGURE, direct I/O),
+//! find by backing file through sysfs, resize, detach.
+//!
+//! The kernel is the only record of which device backs which file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{CoreError, CoreResult, IoContext};
+
+const LOOP_MAJOR: u64 = 7;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+const LO_NAME_SIZE: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
+nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
+nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
+
+fn zeroed_info() -> LoopInfo64 {
+    LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: 0,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: 0,
+        lo_file_name: [0; LO_NAME_SIZE],
+        lo_crypt_name: [0; LO_NAME_SIZE],
+        lo_encrypt_key: [0; 32],
+        lo_init: [0; 2],
+    }
+}
+
+/// How to attach a file.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOptions {
+    pub read_only: bool,
+    pub direct_io: bool,
+    pub block_size: u32,
+}
+
+/// A loop device as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    pub path: PathBuf,
+    pub number: u32,
+    pub backing_file: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn rdev(&self) -> u64 {
+        nix::sys::stat::makedev(LOOP_MAJOR, self.number as u64)
+    }
+}
+
+fn device_path(n: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/loop{n}"))
+}
+
+/// Opens `/dev/loopN`, creating the node when the kernel made the device but
+/// this mount namespace's /dev lacks it (as in some containers).
+fn open_device(n: u32, write: bool) -> CoreResult<File> {
+    let path = device_path(n);
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dev = nix::sys::stat::makedev(LOOP_MAJOR, n as u64);
+            let _ = nix::sys::stat::mknod(
+                &path,
+                nix::sys::stat::SFlag::S_IFBLK,
+                nix::sys::stat::Mode::from_bits_truncate(0o660),
+                dev,
+            );
+            open().context(|| format!("open {}", path.display()))
+        }
+        other => other.context(|| format!("open {}", path.display())),
+    }
+}
+
+/// Every attached loop device, from sysfs.
+pub fn list_attached() -> Vec<LoopDevice> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(number) = name
+            .strip_prefix("loop")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        out.push(LoopDevice {
+            path: device_path(number),
+            number,
+            backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+        });
+    }
+    out.sort_by_key(|d| d.number);
+    out
+}
+
+/// The device backing `file`, confirmed by device and inode numbers.
+pub fn find_attached(file: &Path) -> CoreResult<Option<PathBuf>> {
+    Ok(find_attached_device(file)?.map(|d| d.path))
+}
+
+pub fn find_attached_device(file: &Path) -> CoreResult<Option<LoopDevice>> {
+    let st = match fs::metadata(file) {
+        Ok(st) => st,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CoreError::io(format!("stat {}", file.display()), e)),
+    };
+    for dev in list_attached() {
+        if dev.backing_file != file {
+            continue;
+        }
+        match status(dev.number) {
+            Ok(info) if info.lo_inode == st.ino() && info.lo_device == st.dev() => {
+                return Ok(Some(dev))
+            }
+            Ok(_) => continue,
+            Err(_) => continue,
+        }
+    }
+    Ok(None)
+}
+
+fn status(n: u32) -> CoreResult<LoopInfo64> {
+    let dev = open_device(n, false)?;
+    let mut info = zeroed_info();
+    // SAFETY: the fd is a loop device and `info` is a properly sized buffer.
+    unsafe { loop_get_status64(dev.as_raw_fd(), &mut info) }
+        .context(|| format!("LOOP_GET_STATUS64 on loop{n}"))?;
+    Ok(info)
+}
+
+/// True when the loop device at `number` still backs the file with this inode.
+pub fn backs_inode(number: u32, dev: u64, ino: u64) -> bool {
+    matches!(status(number), Ok(info) if info.lo_inode == ino && info.lo_device == dev)
+}
+
+/// Attaches `file` to a free loop device; retries when another process takes
+/// the device between LOOP_CTL_GET_FREE and LOOP_CONFIGURE.
+pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(!opts.read_only)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(file)
+        .context(|| format!("open {}", file.display()))?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/loop-control")
+        .context(|| "open /dev/loop-control".into())?;
+    let mut direct_io = opts.direct_io;
+    for _attempt in 0..256 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
+            .context(|| "LOOP_CTL_GET_FREE".into())? as u32;
+        let dev = open_device(n, true)?;
+        let mut info = zeroed_info();
+        info.lo_flags = if opts.read_only {
+            LO_FLAGS_READ_ONLY
+        } else {
+            0
+        } | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
+        let name = file.as_os_str().as_encoded_bytes();
+        let len = name.len().min(LO_NAME_SIZE - 1);
+        info.lo_file_name[..len].copy_from_slice(&name[..len]);
+        let config = LoopConfig {
+            fd: backing.as_raw_fd() as u32,
+            block_size: opts.block_size,
+            info,
+            reserved: [0; 8],
+        };
+        // SAFETY: `config` is a valid loop_config for the duration of the call.
+        match unsafe { loop_configure(dev.as_raw_fd(), &config) } {
+            Ok(_) => {
+                tracing::info!(device = %device_path(n).display(), file = %file.display(), direct_io, "loop device attached");
+                return Ok(LoopDevice {
+                    path: device_path(n),
+                    number: n,
+                    backing_file: file.to_path_buf(),
+                });
+            }
+            Err(nix::errno::Errno::EBUSY) => continue,
+            Err(nix::errno::Errno::EINVAL) if direct_io => {
+                // The backing filesystem cannot do direct I/O at this alignment.
+                direct_io = false;
+                continue;
+            }
+            Err(e) => {
+                return Err(CoreError::io(
+                    format!("LOOP_CONFIGURE loop{n} for {}", file.display()),
+                    e.into(),
+                ))
+            }
+        }
+    }
+    Err(CoreError::ResourceExhausted(
+        "could not claim a free loop device after 256 attempts".into(),
+    ))
+}
+
+/// Detaches a loop device. The kernel defers it while the device is open.
+pub fn detach(device: &LoopDevice) -> CoreResult<()> {
+    let dev = open_device(device.number, false)?;
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
+        Ok(_) | Err(nix::errno::Errno::ENXIO) => {
+            tracing::info!(device = %device.path.display(), file = %device.backing_file.display(), "loop device detached");
+            Ok(())
+        }
+        Err(e) => Err(CoreError::io(
+            format!("LOOP_CLR_FD {}", device.path.display()),
+            e.into(),
+        )),
+    }
+}
+
+/// Makes an attached device pick up its backing file's new size.
+pub fn refresh_capacity(device: &LoopDevice) -> CoreResult<()> {
+    let dev = open_device(device.number, false)?;
+    // SAFETY: LOOP_SET_CAPACITY takes no argument.
+    unsafe { loop_set_capacity(dev.as_raw_fd()) }
+        .context(|| format!("LOOP_SET_CAPACITY {}", device.path.display()))?;
+    Ok(())
+}
+
+/// Size in bytes of a block device.
+pub fn device_size(path: &Path) -> CoreResult<u64> {
+    let mut f = File::open(path).context(|| format!("open {}", path.display()))?;
+    f.seek(SeekFrom::End(0))
+        .context(|| format!("size of {}", path.display()))
+}
+
+/// True when some mount uses the device: a filesystem on it, or its node
+/// bind-mounted somewhere (a published Block volume).
+pub fn is_in_use(device: &LoopDevice) -> CoreResult<bool> {
+    let rdev = device.rdev();
+    for m in crate::mount::mounts()? {
+        if m.major as u64 == LOOP_MAJOR && m.minor == device.number {
+            return Ok(true);
+        }
+        if matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") && m.root != Path::new("/") {
+            if let Ok(st) = fs::symlink_metadata(&m.mount_point) {
+                if st.file_type().is_block_device() && st.rdev() == rdev {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Allocates every byte of `path` up to `len`: fallocate, or zeroes written
+/// into the holes where the filesystem cannot fallocate. Data is untouched.
+pub fn preallocate(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new().write(true).read(true).open(path)?;
+    match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len as i64) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
+    }
+    fill_holes_with_zeroes(&file, len)
+}
+
+fn fill_holes_with_zeroes(file: &File, len: u64) -> std::io::Result<()> {
+    let zeroes = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    let mut writer = file;
+    while offset < len {
+        let hole = match nix::unistd::lseek(file, offset as i64, nix::unistd::Whence::SeekHole) {
+            Ok(h) => h as u64,
+            Err(_) => offset,
+        };
+        if hole >= len {
+            break;
+        }
+        let data = match nix::unistd::lseek(file, hole as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => (d as u64).min(len),
+            Err(_) => len,
+        };
+        writer.seek(SeekFrom::Start(hole))?;
+        let mut at = hole;
+        while at < data {
+            let n = ((data - at) as usize).min(zeroes.len());
+            writer.write_all(&zeroes[..n])?;
+            at += n as u64;
+        }
+        offset = data;
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! A CSI client over a Unix socket (used by `ctl`, tests and benches).
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::proto::controller_client::ControllerClient;
+use crate::proto::group_controller_client::GroupControllerClient;
+use crate::proto::identity_client::IdentityClient;
+use crate::proto::node_client::NodeClient;
+
+/// Connects to `unix:///path` (authority `localhost`, as kubelet sends).
+pub async fn connect(endpoint: &str) -> Result<Channel, String> {
+    let path: PathBuf = crate::server::socket_path(endpoint)?;
+    let display = path.display().to_string();
+    Endpoint::try_from("http://localhost")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {display}: {e}"))
+}
+
+/// All four clients on one connection.
+#[derive(Clone)]
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+    pub group: GroupControllerClient<Channel>,
+}
+
+impl Clients {
+    pub async fn connect(endpoint: &str) -> Result<Clients, String> {
+        let ch = connect(endpoint).await?;
+        Ok(Clients {
+            identity: IdentityClient::new(ch.clone()),
+            controller: ControllerClient::new(ch.clone()),
+            node: NodeClient::new(ch.clone()),
+            group: GroupControllerClient::new(ch),
+        })
+    }
+}

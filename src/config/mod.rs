@@ -1,0 +1,182 @@
+//! Driver configuration: upstream's `--datadir` JSON and the
+//! HostPathProvisioner custom resource.
+
+pub mod cr;
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+pub use cr::HostPathProvisioner;
+
+/// Longest pool name (it is used in object names and StorageClass parameters).
+pub const MAX_POOL_NAME_LEN: usize = 50;
+/// Longest pool path.
+pub const MAX_POOL_PATH_LEN: usize = 255;
+
+/// One storage pool as the driver serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Directory that holds the pool's volumes.
+    pub path: PathBuf,
+    /// Storage that every node sees (e.g. an RWX pvcTemplate): no topology.
+    pub shared: bool,
+    /// Where snapshots go, when not under the pool's private area.
+    pub snapshot_path: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One entry of upstream's `--datadir` JSON array; unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DataDirEntry {
+    name: String,
+    path: String,
+    #[serde(default)]
+    shared: bool,
+    #[serde(default)]
+    snapshot_path: Option<String>,
+}
+
+/// Parses `--datadir`. The first entry is the default pool.
+pub fn parse_datadir(json: &str) -> Result<Vec<PoolConfig>, ConfigError> {
+    let entries: Vec<DataDirEntry> = serde_json::from_str(json)
+        .map_err(|e| ConfigError::new("--datadir", format!("not a JSON array of pools: {e}")))?;
+    if entries.is_empty() {
+        return Err(ConfigError::new("--datadir", "names no pool"));
+    }
+    let pools = entries
+        .into_iter()
+        .map(|e| PoolConfig {
+            name: e.name,
+            path: PathBuf::from(e.path),
+            shared: e.shared,
+            snapshot_path: e.snapshot_path.filter(|p| !p.is_empty()).map(PathBuf::from),
+        })
+        .collect::<Vec<_>>();
+    validate_pools(&pools, |i| format!("--datadir[{i}]"))?;
+    Ok(pools)
+}
+
+/// Checks names and paths of a pool list; `at` names entry `i` for errors.
+pub fn validate_pools(
+    pools: &[PoolConfig],
+    at: impl Fn(usize) -> String,
+) -> Result<(), ConfigError> {
+    for (i, pool) in pools.iter().enumerate() {
+        validate_pool_name(&pool.name)
+            .map_err(|m| ConfigError::new(format!("{}.name", at(i)), m))?;
+        validate_pool_path(&pool.path.to_string_lossy())
+            .map_err(|m| ConfigError::new(format!("{}.path", at(i)), m))?;
+        if let Some(j) = pools[..i].iter().position(|p| p.name == pool.name) {
+            return Err(ConfigError::new(
+                format!("{}.name", at(i)),
+                format!("duplicate pool name {:?} (also {}.name)", pool.name, at(j)),
+            ));
+        }
+        if let Some(j) = pools[..i].iter().position(|p| p.path == pool.path) {
+            return Err(ConfigError::new(
+                format!("{}.path", at(i)),
+                format!("duplicate pool path {:?} (also {}.path)", pool.path, at(j)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A pool name must be usable as a StorageClass parameter and in object names.
+pub fn validate_pool_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_POOL_NAME_LEN {
+        return Err(format!(
+            "{} characters is longer than {MAX_POOL_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "{name:?} may only hold ASCII letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// A pool path must be absolute, not `/`, and at most 255 characters.
+pub fn validate_pool_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if path.len() > MAX_POOL_PATH_LEN {
+        return Err(format!(
+            "{} characters is longer than {MAX_POOL_PATH_LEN}",
+            path.len()
+        ));
+    }
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not an absolute path"));
+    }
+    if path.trim_end_matches('/').is_empty() {
+        return Err("must not be the root directory".into());
+    }
+    if path.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("{path:?} must not contain '..'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datadir_upstream_form_parses_and_ignores_unknown_fields() {
+        let pools = parse_datadir(
+            r#"[{"name":"local","path":"/local-data-dir/csi","shared":false,
+                 "snapshotPath":"/snap","snapshotProvider":"reflink","future":1},
+                {"name":"b","path":"/b"}]"#,
+        )
+        .unwrap();
+        assert_eq!(pools.len(), 2);
+        assert_eq!(pools[0].name, "local");
+        assert_eq!(
+            pools[0].snapshot_path.as_deref(),
+            Some(std::path::Path::new("/snap"))
+        );
+        assert!(!pools[1].shared);
+    }
+
+    #[test]
+    fn datadir_errors_name_the_entry() {
+        let e =
+            parse_datadir(r#"[{"name":"a","path":"/a"},{"name":"a","path":"/b"}]"#).unwrap_err();
+        assert_eq!(e.field, "--datadir[1].name");
+        let e = parse_datadir(r#"[{"name":"a","path":"rel"}]"#).unwrap_err();
+        assert_eq!(e.field, "--datadir[0].path");
+        assert!(parse_datadir("[]").is_err());
+        assert!(parse_datadir("{").is_err());
+    }
+}

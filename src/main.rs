@@ -1,0 +1,126 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use hostpath_csi::config::{self, HostPathProvisioner, PoolConfig};
+use hostpath_csi::server::{self, ServeOptions};
+
+mod ctl;
+
+#[derive(Parser)]
+#[command(
+    name = "hostpath-csi",
+    version,
+    about = "Node-local CSI driver (drop-in for kubevirt's hostpath provisioner)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the CSI server (the DaemonSet container).
+    Serve(ServeArgs),
+    /// A small CSI client for people and scripts (JSON output).
+    Ctl(ctl::CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// CSI endpoint, unix:///path/to/csi.sock
+    #[arg(long, default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's name (topology value).
+    #[arg(long, env = "NODE_NAME")]
+    nodeid: String,
+    /// Driver name reported to Kubernetes.
+    #[arg(long, default_value = hostpath_csi::DEFAULT_DRIVER_NAME)]
+    drivername: String,
+    /// Version reported by GetPluginInfo.
+    #[arg(long = "version", default_value = env!("CARGO_PKG_VERSION"))]
+    driver_version: String,
+    /// Pools as upstream's JSON array: [{"name":"local","path":"/dir"}]
+    #[arg(long, conflicts_with = "config")]
+    datadir: Option<String>,
+    /// A HostPathProvisioner custom resource (YAML) naming the pools.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics here (e.g. 127.0.0.1:8080); off by default.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+}
+
+fn load_pools(args: &ServeArgs) -> Result<Vec<PoolConfig>, String> {
+    match (&args.datadir, &args.config) {
+        (Some(json), None) => {
+            config::parse_datadir(json).map_err(|e| format!("invalid pool configuration: {e}"))
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read --config {}: {e}", file.display()))?;
+            let (cr, warnings) = HostPathProvisioner::from_yaml(&text)
+                .map_err(|e| format!("invalid HostPathProvisioner in {}: {e}", file.display()))?;
+            for w in warnings {
+                tracing::warn!(file = %file.display(), "{w}");
+            }
+            Ok(cr.pools())
+        }
+        _ => Err("give exactly one of --datadir or --config".into()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight RPCs"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight RPCs"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(async {
+            let pools = load_pools(&args)?;
+            server::serve(
+                ServeOptions {
+                    endpoint: args.endpoint,
+                    node_id: args.nodeid,
+                    driver_name: args.drivername,
+                    version: args.driver_version,
+                    pools,
+                    metrics_addr: args.metrics_addr,
+                },
+                shutdown_signal(),
+            )
+            .await
+        }),
+        Command::Ctl(args) => runtime.block_on(ctl::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hostpath-csi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

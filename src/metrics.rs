@@ -1,0 +1,188 @@
+//! Prometheus metrics: pool figures, volume counts and RPC latency.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::volume::{Core, VolumeMode};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    pool: String,
+    mode: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    rpc_seconds: Family<RpcLabels, Histogram>,
+    shared_with_os: Family<PoolLabels, Gauge>,
+    capacity: Family<PoolLabels, Gauge<u64, AtomicU64>>,
+    available: Family<PoolLabels, Gauge<u64, AtomicU64>>,
+    volumes: Family<VolumeLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let rpc_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.5, 14))
+        });
+        registry.register(
+            "hostpath_csi_rpc_duration_seconds",
+            "CSI RPC latency by method and gRPC code",
+            rpc_seconds.clone(),
+        );
+        let shared_with_os = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "kubevirt_hpp_pool_path_shared_with_os",
+            "1 when the storage pool shares its filesystem with the OS root",
+            shared_with_os.clone(),
+        );
+        let capacity = Family::<PoolLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "hostpath_csi_pool_capacity_bytes",
+            "Size of the filesystem holding the pool",
+            capacity.clone(),
+        );
+        let available = Family::<PoolLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "hostpath_csi_pool_available_bytes",
+            "Bytes available to new data in the pool",
+            available.clone(),
+        );
+        let volumes = Family::<VolumeLabels, Gauge>::default();
+        registry.register(
+            "hostpath_csi_volumes",
+            "Volumes per pool and mode",
+            volumes.clone(),
+        );
+        Metrics {
+            registry,
+            rpc_seconds,
+            shared_with_os,
+            capacity,
+            available,
+            volumes,
+        }
+    }
+
+    pub fn observe_rpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.rpc_seconds
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code: format!("{code:?}"),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Refreshes pool figures from the core and renders the text format.
+    pub fn render(&self, core: &Core) -> String {
+        for pool in core.pools() {
+            let labels = PoolLabels {
+                pool: pool.name.clone(),
+            };
+            self.shared_with_os
+                .get_or_create(&labels)
+                .set(pool.shares_os_filesystem() as i64);
+            if let Ok(u) = pool.usage() {
+                self.capacity.get_or_create(&labels).set(u.total_bytes);
+                self.available.get_or_create(&labels).set(u.available_bytes);
+            }
+            for mode in ["filesystem", "block"] {
+                self.volumes
+                    .get_or_create(&VolumeLabels {
+                        pool: pool.name.clone(),
+                        mode: mode.into(),
+                    })
+                    .set(0);
+            }
+        }
+        if let Ok(all) = core.all_volumes() {
+            for v in all {
+                let mode = match v.meta.mode {
+                    VolumeMode::Filesystem => "filesystem",
+                    VolumeMode::Block => "block",
+                };
+                self.volumes
+                    .get_or_create(&VolumeLabels {
+                        pool: v.meta.pool.clone(),
+                        mode: mode.into(),
+                    })
+                    .inc();
+            }
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` over HTTP until the process ends.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+) -> std::io::Result<()> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (metrics, core) = (metrics.clone(), core.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (metrics, core) = (metrics.clone(), core.clone());
+                async move {
+                    let response = if req.uri().path() == "/metrics" {
+                        let text = tokio::task::spawn_blocking(move || metrics.render(&core))
+                            .await
+                            .unwrap_or_default();
+                        hyper::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(text)))
+                    } else {
+                        hyper::Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"not found\n")))
+                    };
+                    Ok::<_, std::convert::Infallible>(response.expect("static response parts"))
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}

@@ -1,0 +1,279 @@
+//! Mounts: bind mounts, read-only remounts, unmounts, and mountinfo queries.
+//! What is mounted where is always read from the kernel.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+use sys_mount::{Mount, MountFlags, UnmountFlags};
+
+use crate::error::{CoreError, CoreResult, IoContext};
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub id: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// Path inside the source filesystem that is mounted (bind mounts).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    pub options: Vec<String>,
+    pub fs_type: String,
+    pub source: String,
+    pub super_options: Vec<String>,
+}
+
+impl MountInfo {
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+fn unescape(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+/// Parses the text of a mountinfo file.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let l: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            if l.len() < 6 || r.len() < 3 {
+                return None;
+            }
+            let (major, minor) = l[2].split_once(':')?;
+            Some(MountInfo {
+                id: l[0].parse().ok()?,
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+                root: unescape(l[3]),
+                mount_point: unescape(l[4]),
+                options: l[5].split(',').map(str::to_owned).collect(),
+                fs_type: r[0].to_owned(),
+                source: unescape(r[1]).to_string_lossy().into_owned(),
+                super_options: r[2].split(',').map(str::to_owned).collect(),
+            })
+        })
+        .collect()
+}
+
+/// All mounts of this process's mount namespace.
+pub fn mounts() -> CoreResult<Vec<MountInfo>> {
+    let text = fs::read_to_string("/proc/self/mountinfo").context(|| "read mountinfo".into())?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The topmost mount at exactly `path`, if any.
+pub fn mount_at(path: &Path) -> CoreResult<Option<MountInfo>> {
+    Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == path))
+}
+
+pub fn is_mount_point(path: &Path) -> CoreResult<bool> {
+    Ok(mount_at(path)?.is_some())
+}
+
+/// Filesystem type name of the filesystem holding `path`, from statfs.
+pub fn fs_type_of(path: &Path) -> Option<String> {
+    let st = nix::sys::statfs::statfs(path).ok()?;
+    let magic = st.filesystem_type().0 as u64;
+    Some(
+        match magic {
+            0x5846_5342 => "xfs",
+            0xEF53 => "ext4",
+            0x0102_1994 => "tmpfs",
+            0x9123_683E => "btrfs",
+            0x794C_7630 => "overlay",
+            0x2FC1_2FC1 => "zfs",
+            other => return Some(format!("0x{other:x}")),
+        }
+        .to_owned(),
+    )
+}
+
+/// Options a CO may pass in `mount_flags` for a bind mount.
+fn flag_for_option(option: &str) -> Option<MsFlags> {
+    Some(match option {
+        "ro" => MsFlags::MS_RDONLY,
+        "rw" | "defaults" | "bind" => MsFlags::empty(),
+        "nosuid" => MsFlags::MS_NOSUID,
+        "nodev" => MsFlags::MS_NODEV,
+        "noexec" => MsFlags::MS_NOEXEC,
+        "noatime" => MsFlags::MS_NOATIME,
+        "nodiratime" => MsFlags::MS_NODIRATIME,
+        "relatime" => MsFlags::MS_RELATIME,
+        "sync" => MsFlags::MS_SYNCHRONOUS,
+        _ => return None,
+    })
+}
+
+/// Turns `mount_flags` into flags, refusing what a bind mount cannot honour.
+pub fn parse_mount_flags(options: &[String]) -> CoreResult<MsFlags> {
+    let mut flags = MsFlags::empty();
+    for option in options {
+        for part in option.split(',').filter(|p| !p.is_empty()) {
+            flags |= flag_for_option(part).ok_or_else(|| {
+                CoreError::InvalidArgument(format!(
+                    "mount flag {part:?} is not supported (supported: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime, sync)"
+                ))
+            })?;
+        }
+    }
+    Ok(flags)
+}
+
+/// The mount options that `flags` show in mountinfo, to compare publishes.
+pub fn flags_visible(flags: MsFlags) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    for (f, name) in [
+        (MsFlags::MS_RDONLY, "ro"),
+        (MsFlags::MS_NOSUID, "nosuid"),
+        (MsFlags::MS_NODEV, "nodev"),
+        (MsFlags::MS_NOEXEC, "noexec"),
+        (MsFlags::MS_NOATIME, "noatime"),
+    ] {
+        if flags.contains(f) {
+            v.push(name);
+        }
+    }
+    v
+}
+
+/// Bind-mounts `source` onto `target`, then applies `flags` (e.g. read-only)
+/// with a remount, as the kernel ignores them on the first bind call.
+/// `source` is opened without following a final symlink and mounted through
+/// its descriptor, so a swapped path cannot redirect the mount.
+pub fn bind_mount(source: &Path, target: &Path, flags: MsFlags) -> CoreResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let handle = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(source)
+        .context(|| format!("open {}", source.display()))?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    Mount::builder()
+        .fstype("none")
+        .flags(MountFlags::BIND)
+        .mount(&via_fd, target)
+        .context(|| format!("bind mount {} on {}", source.display(), target.display()))?;
+    let extra = flags & !MsFlags::MS_BIND;
+    if !extra.is_empty() {
+        let remount = nix::mount::mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra,
+            None::<&str>,
+        );
+        if let Err(e) = remount {
+            let _ = unmount(target);
+            return Err(CoreError::io(
+                format!(
+                    "remount {} with {:?}",
+                    target.display(),
+                    flags_visible(extra)
+                ),
+                e.into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Mounts a block device holding a filesystem.
+pub fn mount_device(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    flags: MsFlags,
+    data: &str,
+) -> CoreResult<()> {
+    nix::mount::mount(
+        Some(device),
+        target,
+        Some(fs_type),
+        flags,
+        if data.is_empty() { None } else { Some(data) },
+    )
+    .context(|| {
+        format!(
+            "mount {} ({fs_type}) on {}",
+            device.display(),
+            target.display()
+        )
+    })
+}
+
+/// Unmounts `target` once.
+pub fn unmount(target: &Path) -> CoreResult<()> {
+    sys_mount::unmount(target, UnmountFlags::empty())
+        .context(|| format!("unmount {}", target.display()))
+}
+
+/// Unmounts every mount stacked on `target`; no mount there is fine.
+pub fn unmount_all(target: &Path) -> CoreResult<()> {
+    for _ in 0..64 {
+        if !is_mount_point(target)? {
+            return Ok(());
+        }
+        match sys_mount::unmount(target, UnmountFlags::empty()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
+            Err(e) => return Err(CoreError::io(format!("unmount {}", target.display()), e)),
+        }
+    }
+    Err(CoreError::Internal(format!(
+        "{} still mounted after 64 unmounts",
+        target.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines_with_escapes() {
+        let text = "36 35 98:0 /mnt1 /mnt\\040two rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    40 36 0:5 /loop3 /t/x ro,nosuid - devtmpfs udev rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt two"));
+        assert_eq!((m[0].major, m[0].minor), (98, 0));
+        assert_eq!(m[0].fs_type, "ext3");
+        assert!(m[1].read_only());
+        assert_eq!(m[1].root, PathBuf::from("/loop3"));
+    }
+
+    #[test]
+    fn mount_flags_are_checked() {
+        assert_eq!(
+            parse_mount_flags(&["ro,noexec".into()]).unwrap(),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOEXEC
+        );
+        assert!(parse_mount_flags(&["uid=5".into()]).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! A storage pool: a directory whose entries are volumes, plus the private
+//! area `.hostpath-csi/` (metadata, temp, snapshots) that is never a volume.
+
+use std::fs::{self, File};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use nix::sys::statfs::statfs;
+
+use crate::config::PoolConfig;
+use crate::error::{CoreError, CoreResult, IoContext};
+
+/// Name of the private area inside every pool.
+pub const PRIVATE_DIR: &str = ".hostpath-csi";
+
+/// Space and inode figures of a pool's filesystem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolUsage {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub root: PathBuf,
+    pub shared: bool,
+    meta_dir: PathBuf,
+    tmp_dir: PathBuf,
+    snapshot_dir: PathBuf,
+    root_dir: File,
+    sync: GroupSync,
+}
+
+impl Pool {
+    /// Opens (creating if needed) a pool and sweeps leftovers of interrupted work.
+    pub fn open(cfg: &PoolConfig) -> CoreResult<Pool> {
+        fs::create_dir_all(&cfg.path)
+            .context(|| format!("pool {}: cannot create {}", cfg.name, cfg.path.display()))?;
+        let root = cfg
+            .path
+            .canonicalize()
+            .context(|| format!("pool {}: cannot resolve {}", cfg.name, cfg.path.display()))?;
+        let private = root.join(PRIVATE_DIR);
+        let snapshot_dir = match &cfg.snapshot_path {
+            Some(p) => p.clone(),
+            None => private.join("snapshots"),
+        };
+        let pool = Pool {
+            name: cfg.name.clone(),
+            shared: cfg.shared,
+            meta_dir: private.join("volumes"),
+            tmp_dir: private.join("tmp"),
+            snapshot_dir,
+            root_dir: File::open(&root)
+                .context(|| format!("pool {}: cannot open {}", cfg.name, root.display()))?,
+            root,
+            sync: GroupSync::default(),
+        };
+        for dir in [&private, &pool.meta_dir, &pool.tmp_dir, &pool.snapshot_dir] {
+            fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        }
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700))
+            .context(|| format!("cannot restrict {}", private.display()))?;
+        pool.sweep_tmp();
+        Ok(pool)
+    }
+
+    /// Removes whatever an interrupted operation left in the temp area.
+    fn sweep_tmp(&self) {
+        let Ok(entries) = fs::read_dir(&self.tmp_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let result = match entry.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(pool = %self.name, path = %path.display(), "removed leftover of interrupted operation")
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %self.name, path = %path.display(), error = %e, "cannot remove leftover")
+                }
+            }
+        }
+    }
+
+    /// Path of a volume; `id` must already be validated.
+    pub fn volume_path(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    pub fn meta_path(&self, id: &str) -> PathBuf {
+        self.meta_dir.join(format!("{id}.json"))
+    }
+
+    pub fn meta_dir(&self) -> &Path {
+        &self.meta_dir
+    }
+
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snapshot_dir
+    }
+
+    /// A fresh path in the temp area, unique within this process and run.
+    pub fn tmp_path(&self, id: &str, purpose: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.tmp_dir
+            .join(format!("{id}.{purpose}.{}.{n}", std::process::id()))
+    }
+
+    /// Filesystem figures from statfs.
+    pub fn usage(&self) -> CoreResult<PoolUsage> {
+        let st = statfs(&self.root).context(|| format!("pool {}: statfs", self.name))?;
+        let bsize = st.block_size() as u64;
+        Ok(PoolUsage {
+            total_bytes: st.blocks() * bsize,
+            available_bytes: st.blocks_available() * bsize,
+            total_inodes: st.files(),
+            free_inodes: st.files_free(),
+        })
+    }
+
+    /// True when the pool root is present and usable.
+    pub fn is_accessible(&self) -> bool {
+        match fs::metadata(&self.root) {
+            Ok(m) => {
+                m.is_dir() && m.ino() == self.root_dir.metadata().map(|r| r.ino()).unwrap_or(0)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Errors with UNAVAILABLE when the pool root has gone away.
+    pub fn ensure_accessible(&self) -> CoreResult<()> {
+        if self.is_accessible() {
+            Ok(())
+        } else {
+            Err(CoreError::Unavailable(format!(
+                "pool {} at {} is not accessible",
+                self.name,
+                self.root.display()
+            )))
+        }
+    }
+
+    /// Whether the pool lives on the same filesystem as `/` (upstream's metric).
+    pub fn shares_os_filesystem(&self) -> bool {
+        match (fs::metadata(&self.root), fs::metadata("/")) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        }
+    }
+
+    /// The filesystem type name of the pool (`xfs`, `ext4`, `tmpfs`, ...).
+    pub fn fs_type(&self) -> String {
+        crate::mount::fs_type_of(&self.root).unwrap_or_else(|| "unknown".into())
+    }
+
+    /// Makes everything written to the pool so far durable. Concurrent
+    /// callers share one `syncfs`, so many creates cost one flush.
+    pub fn sync(&self) -> CoreResult<()> {
+        self.sync.sync(&self.root_dir)
+    }
+}
+
+/// Group commit: callers take a ticket; one leader syncs for all tickets
+/// issued before its flush started.
+#[derive(Debug, Default)]
+struct GroupSync {
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    issued: u64,
+    completed: u64,
+    running: bool,
+    last_error: Option<(u64, i32)>,
+}
+
+impl GroupSync {
+    fn sync(&self, fd: &File) -> CoreResult<()> {
+        let mut st = self.state.lock().unwrap();
+        st.issued += 1;
+        let ticket = st.issued;
+        loop {
+            if st.completed >= ticket {
+                return match st.last_error {
+                    Some((upto, errno)) if upto >= ticket => Err(CoreError::io(
+                        "syncfs",
+                        std::io::Error::from_raw_os_error(errno),
+                    )),
+                    _ => Ok(()),
+                };
+            }
+            if !st.running {
+                st.running = true;
+                let covers = st.issued;
+                drop(st);
+                let result = nix::unistd::syncfs(fd);
+                st = self.state.lock().unwrap();
+                st.running = false;
+                st.completed = covers;
+                if let Err(errno) = result {
+                    st.last_error = Some((covers, errno as i32));
+                }
+                self.done.notify_all();
+            } else {
+                st = self.done.wait(st).unwrap();
+            }
+        }
+    }
+}

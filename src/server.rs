@@ -1,0 +1,117 @@
+//! The gRPC server on a Unix socket.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::PoolConfig;
+use crate::csi::CsiService;
+use crate::metrics::Metrics;
+use crate::proto::controller_server::ControllerServer;
+use crate::proto::group_controller_server::GroupControllerServer;
+use crate::proto::identity_server::IdentityServer;
+use crate::proto::node_server::NodeServer;
+use crate::volume::Core;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub endpoint: String,
+    pub node_id: String,
+    pub driver_name: String,
+    pub version: String,
+    pub pools: Vec<PoolConfig>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `unix:///csi/csi.sock`, `unix:/csi/csi.sock` or a bare path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(format!(
+            "--endpoint {endpoint:?} must be unix:///absolute/path"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Binds the socket with mode 0660, replacing a stale socket file.
+fn bind_socket(path: &Path) -> Result<UnixListener, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(st) if st.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?,
+        Ok(_) => {
+            return Err(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ))
+        }
+        Err(_) => {}
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if let Err(e) = nix::unistd::access(
+        parent,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    ) {
+        return Err(format!(
+            "cannot create the socket: directory {} is not writable ({e})",
+            parent.display()
+        ));
+    }
+    // The umask makes the socket 0660 from the start: no window where it is wider.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o117));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+/// Runs the driver until `shutdown` resolves; in-flight RPCs finish first.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let path = socket_path(&opts.endpoint)?;
+    let pools = opts.pools.clone();
+    let node_id = opts.node_id.clone();
+    let core = tokio::task::spawn_blocking(move || Core::new(node_id, &pools))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot open storage pools: {e}"))?;
+    for pool in core.pools() {
+        tracing::info!(pool = %pool.name, path = %pool.root.display(), fs = %pool.fs_type(), shared = pool.shared, "pool ready");
+    }
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = opts.metrics_addr {
+        let (m, c) = (metrics.clone(), core.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m, c).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
+    let service = CsiService::new(
+        core,
+        opts.driver_name.clone(),
+        opts.version.clone(),
+        metrics,
+    );
+    let listener = bind_socket(&path)?;
+    tracing::info!(endpoint = %path.display(), driver = %opts.driver_name, node = %opts.node_id, "CSI server listening");
+    let result = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(service.clone()))
+        .add_service(ControllerServer::new(service.clone()))
+        .add_service(NodeServer::new(service.clone()))
+        .add_service(GroupControllerServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("CSI server stopped");
+    result.map_err(|e| format!("gRPC server failed: {e}"))
+}

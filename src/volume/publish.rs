@@ -1,0 +1,534 @@
+//! Node-side work: stage, publish, unpublish, unstage, stats and expansion.
+//! What is attached and mounted is always read back from the kernel, so a
+//! restarted driver picks up where the last one stopped.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::mount::MsFlags;
+
+use super::{Core, Layout, Volume, VolumeMode};
+use crate::block::{self, AttachOptions, LoopDevice};
+use crate::error::{CoreError, CoreResult, IoContext};
+use crate::mount::{self, MountInfo};
+use crate::names::validate_name;
+use crate::xfs;
+
+/// Serialises loop attach/detach decisions (find-or-attach, last-user-detach).
+static LOOP_LOCK: Mutex<()> = Mutex::new(());
+
+const LOOP_MAJOR: u32 = 7;
+
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub target: PathBuf,
+    pub staging: Option<PathBuf>,
+    /// Access type of the capability.
+    pub mode: VolumeMode,
+    pub read_only: bool,
+    pub mount_flags: Vec<String>,
+    /// SINGLE_NODE_SINGLE_WRITER: no other publication may exist.
+    pub single_writer: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NodeStats {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+    /// `None` for raw block volumes.
+    pub inodes: Option<(u64, u64, u64)>,
+    /// `Some(message)` when the volume is abnormal.
+    pub problem: Option<String>,
+}
+
+fn require_absolute(what: &str, path: &Path) -> CoreResult<()> {
+    if path.as_os_str().is_empty() {
+        return Err(CoreError::InvalidArgument(format!("{what} is required")));
+    }
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(CoreError::InvalidArgument(format!(
+            "{what} {} must be an absolute path without '..'",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `(major, minor, path inside the filesystem)` of a directory, as mountinfo shows it.
+fn dir_identity(path: &Path, mounts: &[MountInfo]) -> Option<(u32, u32, PathBuf)> {
+    let st = fs::metadata(path).ok()?;
+    let (major, minor) = (
+        nix::sys::stat::major(st.dev()) as u32,
+        nix::sys::stat::minor(st.dev()) as u32,
+    );
+    let best = mounts
+        .iter()
+        .filter(|m| m.major == major && m.minor == minor && path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())?;
+    let rel = path.strip_prefix(&best.mount_point).ok()?;
+    Some((major, minor, best.root.join(rel)))
+}
+
+fn check_access_type(volume: &Volume, mode: VolumeMode) -> CoreResult<()> {
+    if volume.meta.mode != mode {
+        return Err(CoreError::InvalidArgument(format!(
+            "volume {} is a {:?}-mode volume; the capability asks for {:?}",
+            volume.meta.id, volume.meta.mode, mode
+        )));
+    }
+    Ok(())
+}
+
+impl Core {
+    /// Where the volume is mounted now (targets and staging paths).
+    pub fn publications(&self, volume: &Volume) -> CoreResult<Vec<PathBuf>> {
+        let mounts = mount::mounts()?;
+        let mut out = Vec::new();
+        match volume.meta.layout {
+            Layout::Directory => {
+                if let Some((ma, mi, root)) = dir_identity(&volume.path, &mounts) {
+                    out.extend(
+                        mounts
+                            .iter()
+                            .filter(|m| {
+                                m.major == ma
+                                    && m.minor == mi
+                                    && m.root == root
+                                    && m.mount_point != volume.path
+                            })
+                            .map(|m| m.mount_point.clone()),
+                    );
+                }
+            }
+            Layout::Image => {
+                if let Some(dev) = block::find_attached_device(&volume.path)? {
+                    out.extend(
+                        mounts
+                            .iter()
+                            .filter(|m| m.major == LOOP_MAJOR && m.minor == dev.number)
+                            .map(|m| m.mount_point.clone()),
+                    );
+                }
+            }
+            Layout::File => {
+                if let Some(dev) = block::find_attached_device(&volume.path)? {
+                    let rdev = dev.rdev();
+                    out.extend(
+                        mounts
+                            .iter()
+                            .filter(|m| {
+                                matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")
+                                    && m.root != Path::new("/")
+                            })
+                            .filter(|m| {
+                                fs::symlink_metadata(&m.mount_point).is_ok_and(|st| {
+                                    st.file_type().is_block_device() && st.rdev() == rdev
+                                })
+                            })
+                            .map(|m| m.mount_point.clone()),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The loop device for a file volume, attaching one if none exists.
+    fn ensure_attached(&self, volume: &Volume, read_only: bool) -> CoreResult<LoopDevice> {
+        if let Some(dev) = block::find_attached_device(&volume.path)? {
+            return Ok(dev);
+        }
+        block::attach(
+            &volume.path,
+            AttachOptions {
+                read_only,
+                direct_io: true,
+                block_size: volume.meta.block_size,
+            },
+        )
+    }
+
+    /// Detaches the volume's loop device when no mount uses it any more.
+    fn release_if_unused(&self, volume_path: &Path) -> CoreResult<()> {
+        if let Some(dev) = block::find_attached_device(volume_path)? {
+            if !block::is_in_use(&dev)? {
+                block::detach(&dev)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stage(
+        &self,
+        id: &str,
+        staging: &Path,
+        mode: VolumeMode,
+        mount_flags: &[String],
+    ) -> CoreResult<()> {
+        validate_name("volume_id", id)?;
+        require_absolute("staging_target_path", staging)?;
+        let volume = self.get_volume(id)?;
+        check_access_type(&volume, mode)?;
+        if volume.meta.layout != Layout::Image {
+            return Ok(());
+        }
+        let flags = mount::parse_mount_flags(mount_flags)?;
+        let _guard = LOOP_LOCK.lock().unwrap();
+        if let Some(m) = mount::mount_at(staging)? {
+            let dev = block::find_attached_device(&volume.path)?;
+            if dev.is_some_and(|d| m.major == LOOP_MAJOR && m.minor == d.number) {
+                return Ok(());
+            }
+            return Err(CoreError::AlreadyExists(format!(
+                "{} already has another filesystem mounted",
+                staging.display()
+            )));
+        }
+        fs::create_dir_all(staging).context(|| format!("create {}", staging.display()))?;
+        let dev = self.ensure_attached(&volume, false)?;
+        let fs_type = volume.meta.fs_type.clone().unwrap_or_else(|| "xfs".into());
+        let data = if fs_type == "xfs" { "nouuid" } else { "" };
+        if let Err(e) = mount::mount_device(&dev.path, staging, &fs_type, flags, data) {
+            let _ = self.release_if_unused(&volume.path);
+            return Err(e);
+        }
+        // An expansion made while unstaged is applied now.
+        let fs_size = nix::sys::statvfs::statvfs(staging)
+            .map(|s| s.blocks() * s.fragment_size())
+            .unwrap_or(0);
+        if fs_size + (64 << 20) < block::device_size(&dev.path).unwrap_or(0) {
+            xfs::grow_filesystem(&fs_type, &dev.path, staging)?;
+        }
+        tracing::info!(volume = id, staging = %staging.display(), device = %dev.path.display(), "image volume staged");
+        Ok(())
+    }
+
+    pub fn unstage(&self, id: &str, staging: &Path) -> CoreResult<()> {
+        validate_name("volume_id", id)?;
+        require_absolute("staging_target_path", staging)?;
+        let _guard = LOOP_LOCK.lock().unwrap();
+        if let Some(m) = mount::mount_at(staging)? {
+            mount::unmount_all(staging)?;
+            if m.major == LOOP_MAJOR {
+                if let Some(dev) = block::list_attached()
+                    .into_iter()
+                    .find(|d| d.number == m.minor)
+                {
+                    if !block::is_in_use(&dev)? {
+                        block::detach(&dev)?;
+                    }
+                }
+            }
+            tracing::info!(volume = id, staging = %staging.display(), "volume unstaged");
+        }
+        if let Some(volume) = self.find_volume(id)? {
+            if volume.meta.layout == Layout::Image {
+                self.release_if_unused(&volume.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the mount at `target` is this volume's.
+    fn is_mount_of(
+        &self,
+        volume: &Volume,
+        m: &MountInfo,
+        staging: Option<&Path>,
+    ) -> CoreResult<bool> {
+        Ok(match volume.meta.layout {
+            Layout::Directory => {
+                let mounts = mount::mounts()?;
+                dir_identity(&volume.path, &mounts)
+                    .is_some_and(|(ma, mi, root)| m.major == ma && m.minor == mi && m.root == root)
+            }
+            Layout::Image => {
+                let _ = staging;
+                block::find_attached_device(&volume.path)?
+                    .is_some_and(|d| m.major == LOOP_MAJOR && m.minor == d.number)
+            }
+            Layout::File => match block::find_attached_device(&volume.path)? {
+                Some(d) => fs::symlink_metadata(&m.mount_point)
+                    .is_ok_and(|st| st.file_type().is_block_device() && st.rdev() == d.rdev()),
+                None => false,
+            },
+        })
+    }
+
+    pub fn publish(&self, req: &PublishRequest) -> CoreResult<()> {
+        validate_name("volume_id", &req.volume_id)?;
+        require_absolute("target_path", &req.target)?;
+        let volume = self.get_volume(&req.volume_id)?;
+        check_access_type(&volume, req.mode)?;
+        if volume.meta.mode == VolumeMode::Block && !req.mount_flags.is_empty() {
+            return Err(CoreError::InvalidArgument(
+                "mount_flags cannot be applied to a Block volume".into(),
+            ));
+        }
+        let mut flags = mount::parse_mount_flags(&req.mount_flags)?;
+        if req.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let _guard = LOOP_LOCK.lock().unwrap();
+        if let Some(existing) = mount::mount_at(&req.target)? {
+            if !self.is_mount_of(&volume, &existing, req.staging.as_deref())? {
+                return Err(CoreError::AlreadyExists(format!(
+                    "{} already has something else mounted",
+                    req.target.display()
+                )));
+            }
+            let want: Vec<&str> = mount::flags_visible(flags);
+            let have_ro = existing.read_only();
+            let same = want.iter().all(|o| existing.options.iter().any(|h| h == o))
+                && have_ro == flags.contains(MsFlags::MS_RDONLY);
+            if !same {
+                return Err(CoreError::AlreadyExists(format!(
+                    "volume {} is already published at {} with other options ({})",
+                    req.volume_id,
+                    req.target.display(),
+                    existing.options.join(",")
+                )));
+            }
+            return Ok(());
+        }
+        if req.single_writer {
+            let elsewhere: Vec<PathBuf> = self
+                .publications(&volume)?
+                .into_iter()
+                .filter(|p| p != &req.target && Some(p.as_path()) != req.staging.as_deref())
+                .collect();
+            if !elsewhere.is_empty() {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {} has SINGLE_NODE_SINGLE_WRITER access and is already published at {}",
+                    req.volume_id,
+                    elsewhere[0].display()
+                )));
+            }
+        }
+        match volume.meta.layout {
+            Layout::Directory => {
+                fs::create_dir_all(&req.target)
+                    .context(|| format!("create {}", req.target.display()))?;
+                mount::bind_mount(&volume.path, &req.target, flags)?;
+            }
+            Layout::Image => {
+                let staging = req.staging.as_deref().ok_or_else(|| {
+                    CoreError::FailedPrecondition(format!(
+                        "image volume {} must be staged first (no staging_target_path)",
+                        req.volume_id
+                    ))
+                })?;
+                let staged = mount::mount_at(staging)?
+                    .map(|m| self.is_mount_of(&volume, &m, Some(staging)))
+                    .transpose()?
+                    .unwrap_or(false);
+                if !staged {
+                    return Err(CoreError::FailedPrecondition(format!(
+                        "image volume {} is not staged at {}",
+                        req.volume_id,
+                        staging.display()
+                    )));
+                }
+                fs::create_dir_all(&req.target)
+                    .context(|| format!("create {}", req.target.display()))?;
+                mount::bind_mount(staging, &req.target, flags)?;
+            }
+            Layout::File => {
+                let dev = self.ensure_attached(&volume, req.read_only)?;
+                if let Some(parent) = req.target.parent() {
+                    fs::create_dir_all(parent)
+                        .context(|| format!("create {}", parent.display()))?;
+                }
+                match fs::symlink_metadata(&req.target) {
+                    Ok(st) if st.is_file() => {}
+                    Ok(st) if st.is_dir() => {
+                        // Some COs pre-create a directory; a device needs a file.
+                        fs::remove_dir(&req.target)
+                            .context(|| format!("replace directory {}", req.target.display()))?;
+                        fs::File::create(&req.target)
+                            .context(|| format!("create {}", req.target.display()))?;
+                    }
+                    Ok(_) => {
+                        return Err(CoreError::InvalidArgument(format!(
+                            "{} exists and is not a regular file",
+                            req.target.display()
+                        )))
+                    }
+                    Err(_) => {
+                        fs::File::create(&req.target)
+                            .context(|| format!("create {}", req.target.display()))?;
+                    }
+                }
+                if let Err(e) = mount::bind_mount(&dev.path, &req.target, flags) {
+                    let _ = fs::remove_file(&req.target);
+                    let _ = self.release_if_unused(&volume.path);
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(volume = %req.volume_id, target = %req.target.display(), read_only = req.read_only, "volume published");
+        Ok(())
+    }
+
+    pub fn unpublish(&self, id: &str, target: &Path) -> CoreResult<()> {
+        validate_name("volume_id", id)?;
+        require_absolute("target_path", target)?;
+        let _guard = LOOP_LOCK.lock().unwrap();
+        let was_mounted = mount::is_mount_point(target)?;
+        if was_mounted {
+            mount::unmount_all(target)?;
+        }
+        match fs::symlink_metadata(target) {
+            Ok(st) if st.is_dir() => match fs::remove_dir(target) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    return Err(CoreError::FailedPrecondition(format!(
+                        "{} is not empty after unmount; refusing to delete data",
+                        target.display()
+                    )))
+                }
+                Err(e) => return Err(CoreError::io(format!("remove {}", target.display()), e)),
+            },
+            Ok(_) => fs::remove_file(target).context(|| format!("remove {}", target.display()))?,
+            Err(_) => {}
+        }
+        if let Some(volume) = self.find_volume(id)? {
+            if volume.meta.layout == Layout::File {
+                self.release_if_unused(&volume.path)?;
+            }
+        }
+        if was_mounted {
+            tracing::info!(volume = id, target = %target.display(), "volume unpublished");
+        }
+        Ok(())
+    }
+
+    /// Usage and condition of a volume published (or staged) at `path`.
+    pub fn node_stats(&self, id: &str, path: &Path) -> CoreResult<NodeStats> {
+        validate_name("volume_id", id)?;
+        if path.as_os_str().is_empty() {
+            return Err(CoreError::InvalidArgument("volume_path is required".into()));
+        }
+        let volume = self.get_volume(id)?;
+        let not_here = || {
+            CoreError::NotFound(format!(
+                "volume {id} is not published or staged at {}",
+                path.display()
+            ))
+        };
+        if !path.is_absolute() || fs::symlink_metadata(path).is_err() {
+            return Err(not_here());
+        }
+        let published = self.publications(&volume)?;
+        if !published.iter().any(|p| p == path) {
+            return Err(not_here());
+        }
+        let mut stats = NodeStats {
+            problem: self.volume_problem(&volume),
+            ..Default::default()
+        };
+        match volume.meta.layout {
+            Layout::Directory => {
+                let usage = self
+                    .stats_cache
+                    .usage(id, &volume.path)
+                    .context(|| format!("measure {}", volume.path.display()))?;
+                let pool = self.pool_of(&volume)?.usage()?;
+                let total = if volume.meta.capacity_bytes > 0 {
+                    volume.meta.capacity_bytes
+                } else {
+                    usage.bytes + pool.available_bytes
+                };
+                stats.total_bytes = total;
+                stats.used_bytes = usage.bytes;
+                stats.available_bytes = total.saturating_sub(usage.bytes).min(pool.available_bytes);
+                stats.inodes = Some((
+                    usage.inodes + pool.free_inodes,
+                    usage.inodes,
+                    pool.free_inodes,
+                ));
+            }
+            Layout::Image => {
+                let st = nix::sys::statvfs::statvfs(path)
+                    .context(|| format!("statvfs {}", path.display()))?;
+                let f = st.fragment_size();
+                stats.total_bytes = st.blocks() * f;
+                stats.available_bytes = st.blocks_available() * f;
+                stats.used_bytes = (st.blocks() - st.blocks_free()) * f;
+                stats.inodes = Some((st.files(), st.files() - st.files_free(), st.files_free()));
+            }
+            Layout::File => {
+                stats.total_bytes = volume.meta.capacity_bytes;
+            }
+        }
+        if stats.problem.is_none() && volume.meta.layout.is_file() {
+            stats.problem = self.loop_problem(&volume)?;
+        }
+        Ok(stats)
+    }
+
+    /// Abnormal when a published file volume lost its loop device.
+    fn loop_problem(&self, volume: &Volume) -> CoreResult<Option<String>> {
+        let st =
+            fs::metadata(&volume.path).context(|| format!("stat {}", volume.path.display()))?;
+        match block::find_attached_device(&volume.path)? {
+            Some(d) if block::backs_inode(d.number, st.dev(), st.ino()) => Ok(None),
+            Some(d) => Ok(Some(format!(
+                "{} no longer backs {}",
+                d.path.display(),
+                volume.path.display()
+            ))),
+            None => Ok(Some(format!(
+                "no loop device backs {}",
+                volume.path.display()
+            ))),
+        }
+    }
+
+    /// Makes the node see a grown volume; returns the size now in effect.
+    pub fn node_expand(&self, id: &str, path: &Path) -> CoreResult<u64> {
+        validate_name("volume_id", id)?;
+        if path.as_os_str().is_empty() {
+            return Err(CoreError::InvalidArgument("volume_path is required".into()));
+        }
+        let volume = self.get_volume(id)?;
+        if !path.is_absolute() || fs::symlink_metadata(path).is_err() {
+            return Err(CoreError::NotFound(format!(
+                "volume {id} is not published at {}",
+                path.display()
+            )));
+        }
+        if !volume.meta.layout.is_file() {
+            return Ok(volume.meta.capacity_bytes);
+        }
+        let _guard = LOOP_LOCK.lock().unwrap();
+        let Some(dev) = block::find_attached_device(&volume.path)? else {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {id} is not attached on this node"
+            )));
+        };
+        block::refresh_capacity(&dev)?;
+        if volume.meta.layout == Layout::Image {
+            let fs_type = volume.meta.fs_type.clone().unwrap_or_else(|| "xfs".into());
+            let mount_point = mount::mounts()?
+                .into_iter()
+                .find(|m| m.major == LOOP_MAJOR && m.minor == dev.number)
+                .map(|m| m.mount_point)
+                .ok_or_else(|| {
+                    CoreError::FailedPrecondition(format!("image volume {id} is not mounted"))
+                })?;
+            xfs::grow_filesystem(&fs_type, &dev.path, &mount_point)?;
+        }
+        let size = block::device_size(&dev.path)?;
+        tracing::info!(volume = id, device = %dev.path.display(), size, "volume expanded on node");
+        Ok(size)
+    }
+}
