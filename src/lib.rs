@@ -10,6 +10,8 @@ pub mod metrics;
 pub mod mount;
 pub mod names;
 pub mod pool;
+pub mod poolmount;
+pub mod render;
 pub mod server;
 pub mod volume;
 pub mod xfs;

@@ -26,6 +26,10 @@ enum Command {
     Serve(ServeArgs),
     /// A small CSI client for people and scripts (JSON output).
     Ctl(ctl::CtlArgs),
+    /// Print the Kubernetes objects that install a HostPathProvisioner CR.
+    Render(hostpath_csi::render::RenderArgs),
+    /// Mount or unmount a pvcTemplate pool (the per-node mounter).
+    Pool(hostpath_csi::poolmount::PoolArgs),
 }
 
 #[derive(clap::Args)]
@@ -115,6 +119,8 @@ fn main() -> ExitCode {
             .await
         }),
         Command::Ctl(args) => runtime.block_on(ctl::run(args)),
+        Command::Render(args) => hostpath_csi::render::run(args),
+        Command::Pool(args) => runtime.block_on(hostpath_csi::poolmount::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

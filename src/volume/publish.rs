@@ -417,7 +417,10 @@ impl Core {
         if path.as_os_str().is_empty() {
             return Err(CoreError::InvalidArgument("volume_path is required".into()));
         }
-        let volume = self.get_volume(id)?;
+        let volume = match self.find_volume(id)? {
+            Some(v) => v,
+            None => return self.orphan_stats(id),
+        };
         let not_here = || {
             CoreError::NotFound(format!(
                 "volume {id} is not published or staged at {}",
@@ -473,6 +476,25 @@ impl Core {
             stats.problem = self.loop_problem(&volume)?;
         }
         Ok(stats)
+    }
+
+    /// A volume whose metadata exists but whose backing store vanished
+    /// under a running driver: report it abnormal instead of unknown.
+    fn orphan_stats(&self, id: &str) -> CoreResult<NodeStats> {
+        for pool in self.pools() {
+            if let Some(m) = super::meta::read::<super::VolumeMeta>(&pool.meta_path(id))? {
+                return Ok(NodeStats {
+                    total_bytes: m.capacity_bytes,
+                    inodes: (m.layout != Layout::File).then_some((0, 0, 0)),
+                    problem: Some(format!(
+                        "backing {} of volume {id} is missing",
+                        pool.volume_path(id).display()
+                    )),
+                    ..Default::default()
+                });
+            }
+        }
+        Err(CoreError::NotFound(format!("volume {id} does not exist on node {}", self.node_id)))
     }
 
     /// Abnormal when a published file volume lost its loop device.

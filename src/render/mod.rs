@@ -1,0 +1,291 @@
+//! `hostpath-csi render`: a HostPathProvisioner CR (plus node names) in, the
+//! Kubernetes objects that run it out, as multi-document YAML. The output
+//! depends on nothing but the inputs, so it can be checked into Git.
+
+mod names;
+mod node;
+mod pools;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::config::cr::{HostPathProvisioner, PvcTemplate, CSI_SUBDIR, LEGACY_POOL};
+use crate::config::ConfigError;
+
+pub use names::object_name;
+
+pub const DEFAULT_NAMESPACE: &str = "hostpath-provisioner";
+/// Name of the ServiceAccount, RBAC objects and DaemonSet.
+pub const APP_NAME: &str = "hostpath-csi";
+/// Sidecars, pinned to releases that support CSI 1.x and node deployment.
+pub const PROVISIONER_IMAGE: &str = "registry.k8s.io/sig-storage/csi-provisioner:v5.3.0";
+pub const REGISTRAR_IMAGE: &str = "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.15.0";
+pub const LIVENESSPROBE_IMAGE: &str = "registry.k8s.io/sig-storage/livenessprobe:v2.17.0";
+pub const RESIZER_IMAGE: &str = "registry.k8s.io/sig-storage/csi-resizer:v1.14.0";
+pub const SNAPSHOTTER_IMAGE: &str = "registry.k8s.io/sig-storage/csi-snapshotter:v8.3.0";
+
+/// The driver image when `--image` is not given (what deploy/Containerfile builds).
+pub fn default_image() -> String {
+    format!("localhost/hostpath-csi:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// What besides the CR shapes the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    pub namespace: String,
+    pub image: String,
+    /// Nodes that get a PVC and a mounter per pvcTemplate pool.
+    pub nodes: Vec<String>,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            namespace: DEFAULT_NAMESPACE.into(),
+            image: default_image(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("invalid HostPathProvisioner: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{flag}: {message}")]
+    Option { flag: String, message: String },
+    #[error("{kind} {name:?} would be rendered twice (from {first} and {second}); rename one of them")]
+    NameClash {
+        kind: String,
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error("cannot write YAML: {0}")]
+    Yaml(#[from] serde_norway::Error),
+}
+
+/// The rendered objects, and warnings for the user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub documents: Vec<Value>,
+    pub warnings: Vec<String>,
+}
+
+/// One pool as render needs it.
+pub(crate) struct Pool<'a> {
+    /// Field path of the pool in the CR, for messages.
+    pub at: String,
+    pub name: String,
+    /// The pool directory on the host (`spec.storagePools[].path`).
+    pub host_path: String,
+    /// Where the volumes live: `<host_path>/csi`.
+    pub csi_path: String,
+    pub shared: bool,
+    pub snapshot_provider: Option<String>,
+    pub template: Option<&'a PvcTemplate>,
+}
+
+fn pools(cr: &HostPathProvisioner) -> Vec<Pool<'_>> {
+    if let (Some(pc), true) = (&cr.spec.path_config, cr.spec.storage_pools.is_empty()) {
+        return vec![Pool {
+            at: "spec.pathConfig".into(),
+            name: LEGACY_POOL.into(),
+            host_path: pc.path.clone(),
+            csi_path: csi_path(&pc.path),
+            shared: false,
+            snapshot_provider: None,
+            template: None,
+        }];
+    }
+    cr.spec
+        .storage_pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Pool {
+            at: format!("spec.storagePools[{i}]"),
+            name: p.name.clone(),
+            host_path: p.path.clone(),
+            csi_path: csi_path(&p.path),
+            shared: p.pvc_template.as_ref().is_some_and(PvcTemplate::is_shared),
+            snapshot_provider: p.snapshot_provider.clone(),
+            template: p.pvc_template.as_ref(),
+        })
+        .collect()
+}
+
+fn csi_path(path: &str) -> String {
+    PathBuf::from(path.trim_end_matches('/'))
+        .join(CSI_SUBDIR)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn option_error(flag: impl Into<String>, message: impl Into<String>) -> RenderError {
+    RenderError::Option {
+        flag: flag.into(),
+        message: message.into(),
+    }
+}
+
+fn check_options(opts: &RenderOptions) -> Result<(), RenderError> {
+    if !names::is_dns_label(&opts.namespace) {
+        return Err(option_error(
+            "--namespace",
+            format!(
+                "{:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63)",
+                opts.namespace
+            ),
+        ));
+    }
+    if opts.image.is_empty() || opts.image.chars().any(char::is_whitespace) {
+        return Err(option_error(
+            "--image",
+            format!("{:?} is not an image reference", opts.image),
+        ));
+    }
+    for (i, node) in opts.nodes.iter().enumerate() {
+        if !names::is_dns_subdomain(node) {
+            return Err(option_error(
+                format!("--nodes[{i}]"),
+                format!("{node:?} is not a valid node name"),
+            ));
+        }
+        if opts.nodes[..i].contains(node) {
+            return Err(option_error(
+                format!("--nodes[{i}]"),
+                format!("{node:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Renders every object for `cr`. The CR is validated first.
+pub fn render(cr: &HostPathProvisioner, opts: &RenderOptions) -> Result<Rendered, RenderError> {
+    let mut warnings = cr.validate()?;
+    check_options(opts)?;
+    let pools = pools(cr);
+    let ctx = node::Context {
+        namespace: &opts.namespace,
+        image: &opts.image,
+        pull_policy: cr
+            .spec
+            .image_pull_policy
+            .as_deref()
+            .unwrap_or("IfNotPresent"),
+        workload: cr.spec.workload.clone().unwrap_or_default(),
+    };
+    let mut documents = node::install_objects(&ctx, &pools);
+    documents.extend(pools::pool_objects(
+        &ctx,
+        &pools,
+        &opts.nodes,
+        &mut warnings,
+    )?);
+    check_unique(&documents)?;
+    Ok(Rendered {
+        documents,
+        warnings,
+    })
+}
+
+/// Two objects of one kind and namespace must not share a name.
+fn check_unique(documents: &[Value]) -> Result<(), RenderError> {
+    let mut seen = BTreeSet::new();
+    for doc in documents {
+        let key = (
+            doc["kind"].as_str().unwrap_or_default().to_owned(),
+            doc["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        if !seen.insert(key.clone()) {
+            let from = |d: &Value| {
+                d["metadata"]["annotations"][pools::SOURCE_ANNOTATION]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let first = documents
+                .iter()
+                .find(|d| {
+                    d["kind"] == doc["kind"]
+                        && d["metadata"]["name"] == doc["metadata"]["name"]
+                        && d["metadata"]["namespace"] == doc["metadata"]["namespace"]
+                })
+                .map(from)
+                .unwrap_or_default();
+            return Err(RenderError::NameClash {
+                kind: key.0,
+                name: key.2,
+                first,
+                second: from(doc),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Multi-document YAML: a header comment, then `---` before each object.
+pub fn to_yaml(documents: &[Value]) -> Result<String, RenderError> {
+    let mut out = String::from(
+        "# Rendered by `hostpath-csi render` from a HostPathProvisioner CR. Do not edit by hand.\n",
+    );
+    for doc in documents {
+        out.push_str("---\n");
+        out.push_str(&serde_norway::to_string(doc)?);
+    }
+    Ok(out)
+}
+
+/// Parses, validates and renders a CR given as YAML text.
+pub fn render_yaml(cr_yaml: &str, opts: &RenderOptions) -> Result<(String, Vec<String>), RenderError> {
+    let (cr, _) = HostPathProvisioner::from_yaml(cr_yaml)?;
+    let rendered = render(&cr, opts)?;
+    Ok((to_yaml(&rendered.documents)?, rendered.warnings))
+}
+
+/// `hostpath-csi render`
+#[derive(clap::Args, Debug)]
+pub struct RenderArgs {
+    /// The HostPathProvisioner CR (YAML file).
+    #[arg(long)]
+    pub cr: PathBuf,
+    /// Namespace for the driver, its RBAC and the pool mounters.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Driver image [default: localhost/hostpath-csi:<version>].
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Nodes that get a PVC and a mounter per pvcTemplate pool (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+}
+
+/// Runs `render`: YAML on stdout, warnings on stderr.
+pub fn run(args: RenderArgs) -> Result<(), String> {
+    let text = std::fs::read_to_string(&args.cr)
+        .map_err(|e| format!("cannot read --cr {}: {e}", args.cr.display()))?;
+    let opts = RenderOptions {
+        namespace: args.namespace,
+        image: args.image.unwrap_or_else(default_image),
+        nodes: args.nodes.into_iter().filter(|n| !n.is_empty()).collect(),
+    };
+    let (yaml, warnings) =
+        render_yaml(&text, &opts).map_err(|e| format!("{}: {e}", args.cr.display()))?;
+    for w in warnings {
+        eprintln!("warning: {}: {w}", args.cr.display());
+    }
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(yaml.as_bytes())
+        .map_err(|e| format!("cannot write to stdout: {e}"))
+}
