@@ -160,6 +160,14 @@ impl Core {
             let Some(id) = name.strip_suffix(".json") else {
                 continue;
             };
+            let empty = entry.metadata().is_ok_and(|m| m.len() == 0);
+            if empty && crate::names::is_valid_name(id) {
+                // Written but never flushed: the create was never acknowledged.
+                tracing::warn!(pool = %pool.name, volume = id, "rolling back a create interrupted before its flush");
+                remove_any(&pool.volume_path(id));
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
             if fs::symlink_metadata(pool.volume_path(id)).is_err() {
                 tracing::info!(pool = %pool.name, volume = id, "removing metadata of a volume that was never completed or was deleted");
                 let _ = fs::remove_file(entry.path());
@@ -291,6 +299,12 @@ impl Core {
             return self.check_compatible(existing, req, pool, layout);
         }
         pool.ensure_accessible()?;
+        if fs::symlink_metadata(pool.volume_path(&req.name)).is_ok() {
+            return Err(CoreError::AlreadyExists(format!(
+                "pool {} already holds an entry named {} that is not a volume (a symlink or special file)",
+                pool.name, req.name
+            )));
+        }
         let capacity = self.decide_capacity(
             pool,
             layout,
@@ -317,9 +331,13 @@ impl Core {
             return Err(e);
         }
         let path = pool.volume_path(&req.name);
+        // One flush covers both steps: journaling filesystems keep metadata
+        // operations in order, so after a crash the volume is never in place
+        // without its metadata file; a metadata file whose content did not
+        // reach the disk belongs to an unacknowledged create and start-up
+        // rolls it back (see `sweep_orphan_metadata`).
         let publish = (|| {
             meta::write_atomic(&pool.meta_path(&req.name), &meta)?;
-            pool.sync()?;
             nix::fcntl::renameat2(
                 nix::fcntl::AT_FDCWD,
                 &staged,
