@@ -42,9 +42,13 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+nix::ioctl_write_int_bad!(loop_set_fd, 0x4C00);
 nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_write_ptr_bad!(loop_set_status64, 0x4C04, LoopInfo64);
 nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
 nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
+nix::ioctl_write_int_bad!(loop_set_direct_io, 0x4C08);
+nix::ioctl_write_int_bad!(loop_set_block_size, 0x4C09);
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
 
@@ -80,6 +84,9 @@ pub struct LoopDevice {
     pub path: PathBuf,
     pub number: u32,
     pub backing_file: PathBuf,
+    pub read_only: bool,
+    /// Detach requested while open: it goes away at the last close.
+    pub autoclear: bool,
 }
 
 impl LoopDevice {
@@ -135,10 +142,14 @@ pub fn list_attached() -> Vec<LoopDevice> {
         let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
             continue;
         };
+        let flag =
+            |name: &str| fs::read_to_string(entry.path().join(name)).is_ok_and(|v| v.trim() == "1");
         out.push(LoopDevice {
             path: device_path(number),
             number,
             backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+            read_only: flag("ro"),
+            autoclear: flag("loop/autoclear"),
         });
     }
     out.sort_by_key(|d| d.number);
@@ -151,24 +162,26 @@ pub fn find_attached(file: &Path) -> CoreResult<Option<PathBuf>> {
 }
 
 pub fn find_attached_device(file: &Path) -> CoreResult<Option<LoopDevice>> {
+    Ok(find_attached_devices(file)?.into_iter().next())
+}
+
+/// Every device backing `file` (a read-only and a read-write publish of one
+/// volume use two), confirmed by device and inode numbers.
+pub fn find_attached_devices(file: &Path) -> CoreResult<Vec<LoopDevice>> {
     let st = match fs::metadata(file) {
         Ok(st) => st,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(CoreError::io(format!("stat {}", file.display()), e)),
     };
-    for dev in list_attached() {
-        if dev.backing_file != file {
-            continue;
-        }
-        match status(dev.number) {
-            Ok(info) if info.lo_inode == st.ino() && info.lo_device == st.dev() => {
-                return Ok(Some(dev))
-            }
-            Ok(_) => continue,
-            Err(_) => continue,
-        }
-    }
-    Ok(None)
+    Ok(list_attached()
+        .into_iter()
+        .filter(|d| d.backing_file == file && backs_inode(d.number, st.dev(), st.ino()))
+        .collect())
+}
+
+/// The attached device with this number, from sysfs.
+pub fn attached(number: u32) -> Option<LoopDevice> {
+    list_attached().into_iter().find(|d| d.number == number)
 }
 
 fn status(n: u32) -> CoreResult<LoopInfo64> {
@@ -201,11 +214,19 @@ pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
         .open("/dev/loop-control")
         .context(|| "open /dev/loop-control".into())?;
     let mut direct_io = opts.direct_io;
+    let mut legacy = false;
     for _attempt in 0..256 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
         let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
             .context(|| "LOOP_CTL_GET_FREE".into())? as u32;
-        let dev = open_device(n, true)?;
+        let dev = match open_device(n, true) {
+            Ok(dev) => dev,
+            // Removed by someone else since GET_FREE.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT)) => {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
         let mut info = zeroed_info();
         info.lo_flags = if opts.read_only {
             LO_FLAGS_READ_ONLY
@@ -215,31 +236,48 @@ pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
         let name = file.as_os_str().as_encoded_bytes();
         let len = name.len().min(LO_NAME_SIZE - 1);
         info.lo_file_name[..len].copy_from_slice(&name[..len]);
-        let config = LoopConfig {
-            fd: backing.as_raw_fd() as u32,
-            block_size: opts.block_size,
-            info,
-            reserved: [0; 8],
+        let result = if legacy {
+            configure_legacy(&dev, &backing, &info, opts.block_size, direct_io)
+                .map(|dio| direct_io = dio)
+        } else {
+            let config = LoopConfig {
+                fd: backing.as_raw_fd() as u32,
+                block_size: opts.block_size,
+                info,
+                reserved: [0; 8],
+            };
+            // SAFETY: `config` is a valid loop_config for the duration of the call.
+            unsafe { loop_configure(dev.as_raw_fd(), &config) }.map(drop)
         };
-        // SAFETY: `config` is a valid loop_config for the duration of the call.
-        match unsafe { loop_configure(dev.as_raw_fd(), &config) } {
-            Ok(_) => {
-                tracing::info!(device = %device_path(n).display(), file = %file.display(), direct_io, "loop device attached");
+        match result {
+            Ok(()) => {
+                // The kernel may quietly fall back to buffered I/O.
+                let direct_io = fs::read_to_string(format!("/sys/block/loop{n}/loop/dio"))
+                    .map_or(direct_io, |v| v.trim() == "1");
+                tracing::info!(device = %device_path(n).display(), file = %file.display(), direct_io, read_only = opts.read_only, "loop device attached");
                 return Ok(LoopDevice {
                     path: device_path(n),
                     number: n,
                     backing_file: file.to_path_buf(),
+                    read_only: opts.read_only,
+                    autoclear: false,
                 });
             }
             Err(nix::errno::Errno::EBUSY) => continue,
-            Err(nix::errno::Errno::EINVAL) if direct_io => {
+            Err(nix::errno::Errno::EINVAL) if direct_io && !legacy => {
                 // The backing filesystem cannot do direct I/O at this alignment.
                 direct_io = false;
                 continue;
             }
+            // Kernels before 5.8 have no LOOP_CONFIGURE.
+            Err(nix::errno::Errno::ENOTTY | nix::errno::Errno::EINVAL) if !legacy => {
+                legacy = true;
+                direct_io = opts.direct_io;
+                continue;
+            }
             Err(e) => {
                 return Err(CoreError::io(
-                    format!("LOOP_CONFIGURE loop{n} for {}", file.display()),
+                    format!("configure loop{n} for {}", file.display()),
                     e.into(),
                 ))
             }
@@ -248,6 +286,35 @@ pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
     Err(CoreError::ResourceExhausted(
         "could not claim a free loop device after 256 attempts".into(),
     ))
+}
+
+/// LOOP_SET_FD and friends, for kernels without LOOP_CONFIGURE. Returns
+/// whether direct I/O is on.
+fn configure_legacy(
+    dev: &File,
+    backing: &File,
+    info: &LoopInfo64,
+    block_size: u32,
+    direct_io: bool,
+) -> nix::Result<bool> {
+    let fd = dev.as_raw_fd();
+    // SAFETY: plain integer and pointer ioctls on a loop device fd.
+    unsafe { loop_set_fd(fd, backing.as_raw_fd()) }?;
+    let rest = (|| {
+        let mut info = *info;
+        info.lo_flags &= !(LO_FLAGS_READ_ONLY | LO_FLAGS_DIRECT_IO);
+        // SAFETY: `info` is a valid loop_info64.
+        unsafe { loop_set_status64(fd, &info) }?;
+        // SAFETY: integer argument.
+        unsafe { loop_set_block_size(fd, block_size as libc::c_int) }?;
+        // SAFETY: integer argument; failure only means buffered I/O.
+        Ok(direct_io && unsafe { loop_set_direct_io(fd, 1) }.is_ok())
+    })();
+    if rest.is_err() {
+        // SAFETY: no argument.
+        let _ = unsafe { loop_clr_fd(fd) };
+    }
+    rest
 }
 
 /// Detaches a loop device. The kernel defers it while the device is open.

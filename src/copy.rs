@@ -1,17 +1,24 @@
 //! The clone engine. Files: FICLONE (reflink) first, then copy_file_range
 //! over data extents only (holes stay holes), then read/write over data
 //! extents. Trees keep modes, owners, times, symlinks, hard links and xattrs.
+//!
+//! A source may be in use while it is copied: a clone of a busy volume is
+//! crash-consistent at best, and its owner may even swap parts of it for
+//! symlinks or FIFOs mid-copy. So trees are walked by descriptor (openat,
+//! O_NOFOLLOW), files are type-checked before they are opened for reading,
+//! and the copy never reads or writes outside the source and target roots.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag, AT_FDCWD};
+use nix::sys::stat::{fstat, fstatat, mkdirat, mknodat, FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{lseek, Whence};
 
@@ -20,7 +27,15 @@ use crate::error::{CoreError, CoreResult, IoContext};
 /// CDI's name for the VM disk inside a Filesystem-mode volume.
 pub const DISK_IMAGE: &str = "disk.img";
 
+/// Deepest directory tree copied. Each level holds two descriptors, so a
+/// deeper tree is refused instead of failing half-way on EMFILE.
+pub const MAX_TREE_DEPTH: usize = 2048;
+
 const GIB: u64 = 1 << 30;
+/// Data is copied and handed to writeback in pieces of this size.
+const CHUNK: i64 = 16 << 20;
+/// Buffer of the read/write fallback.
+const RW_BUFFER: usize = 4 << 20;
 
 nix::ioctl_write_int_bad!(ficlone, 0x4004_9409);
 
@@ -32,303 +47,695 @@ pub enum Method {
     ReadWrite,
 }
 
+/// Opens `path` for reading if it is a regular file, without following a
+/// symlink and without opening anything else (a FIFO would block, a device
+/// could act on open). `None` when it is missing or not a regular file.
+pub fn open_regular(path: &Path) -> CoreResult<Option<File>> {
+    open_regular_at(AT_FDCWD, path).context(|| format!("open {}", path.display()))
+}
+
 /// Copies `src` into the existing file `dst`, replacing its contents.
 pub fn copy_file_into(src: &Path, dst: &Path) -> CoreResult<Method> {
-    let from = open_nofollow(src, false)?;
-    let to = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dst)
-        .context(|| format!("open {}", dst.display()))?;
-    copy_open_files(&from, &to, src, dst)
+    let from = open_regular(src)?.ok_or_else(|| not_regular(src))?;
+    copy_open_into(&from, src, dst)
+}
+
+/// Copies the open file `from` (read from `label`) into the existing file `dst`.
+pub fn copy_open_into(from: &File, label: &Path, dst: &Path) -> CoreResult<Method> {
+    let to = nix::fcntl::open(
+        dst,
+        OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .context(|| format!("open {}", dst.display()))?;
+    let mut progress = Progress::new(label);
+    let method = copy_data(from, &File::from(to), label, dst, &mut progress)?;
+    progress.finish(method);
+    Ok(method)
 }
 
 /// Copies `src` to a new file `dst` (mode 0660).
 pub fn copy_file_new(src: &Path, dst: &Path) -> CoreResult<Method> {
-    let from = open_nofollow(src, false)?;
-    let to = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o660)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(dst)
-        .context(|| format!("create {}", dst.display()))?;
-    copy_open_files(&from, &to, src, dst)
+    let from = open_regular(src)?.ok_or_else(|| not_regular(src))?;
+    let to = nix::fcntl::open(
+        dst,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o660),
+    )
+    .context(|| format!("create {}", dst.display()))?;
+    let mut progress = Progress::new(src);
+    let method = copy_data(&from, &File::from(to), src, dst, &mut progress)?;
+    progress.finish(method);
+    Ok(method)
 }
 
-fn open_nofollow(path: &Path, write: bool) -> CoreResult<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .context(|| format!("open {}", path.display()))
+fn not_regular(path: &Path) -> CoreError {
+    CoreError::InvalidArgument(format!("{} is not a regular file", path.display()))
 }
 
-fn copy_open_files(from: &File, to: &File, src: &Path, dst: &Path) -> CoreResult<Method> {
+/// See `open_regular`; `name` is looked up in `dir` without following links.
+fn open_regular_at<P: ?Sized + nix::NixPath>(
+    dir: impl AsFd,
+    name: &P,
+) -> nix::Result<Option<File>> {
+    // O_PATH opens nothing: it only names the inode, which is then checked
+    // and reopened through /proc for reading.
+    let handle = match openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !is_kind(&fstat(&handle)?, SFlag::S_IFREG) {
+        return Ok(None);
+    }
+    reopen(&handle).map(Some)
+}
+
+/// Opens the regular file behind an O_PATH descriptor for reading.
+fn reopen(handle: &OwnedFd) -> nix::Result<File> {
+    let proc = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    // O_NOATIME keeps the source's access times; only the owner or root may ask.
+    match nix::fcntl::open(proc.as_str(), flags | OFlag::O_NOATIME, Mode::empty()) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(Errno::EPERM) => nix::fcntl::open(proc.as_str(), flags, Mode::empty()).map(File::from),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+/// Bytes copied so far; logged every GiB and at the end of big copies.
+struct Progress<'a> {
+    src: &'a Path,
+    copied: u64,
+    reflinked: u64,
+    started: Instant,
+    next_report: u64,
+}
+
+impl<'a> Progress<'a> {
+    fn new(src: &'a Path) -> Self {
+        Progress {
+            src,
+            copied: 0,
+            reflinked: 0,
+            started: Instant::now(),
+            next_report: GIB,
+        }
+    }
+
+    fn mb_per_s(&self) -> f64 {
+        self.copied as f64 / 1e6 / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn add(&mut self, n: u64) {
+        self.copied += n;
+        if self.copied >= self.next_report {
+            tracing::info!(src = %self.src.display(), bytes_done = self.copied, mb_per_s = self.mb_per_s(), "copy progress");
+            self.next_report += GIB;
+        }
+    }
+
+    fn finish(&self, method: Method) {
+        if self.copied + self.reflinked >= GIB {
+            tracing::info!(src = %self.src.display(), bytes = self.copied, reflinked = self.reflinked, mb_per_s = self.mb_per_s(), secs = self.started.elapsed().as_secs_f64(), ?method, "copy finished");
+        }
+    }
+}
+
+/// Copies the whole of `from` into `to`, reflinking when the filesystem can.
+fn copy_data(
+    from: &File,
+    to: &File,
+    src: &Path,
+    dst: &Path,
+    progress: &mut Progress,
+) -> CoreResult<Method> {
     let len = from
         .metadata()
         .context(|| format!("stat {}", src.display()))?
         .len();
     // SAFETY: FICLONE takes the source descriptor as its argument.
     if unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd()) }.is_ok() {
-        tracing::debug!(src = %src.display(), dst = %dst.display(), "reflinked");
+        progress.reflinked += len;
         return Ok(Method::Reflink);
     }
     to.set_len(0)
         .context(|| format!("truncate {}", dst.display()))?;
     to.set_len(len)
         .context(|| format!("size {}", dst.display()))?;
-    let started = Instant::now();
-    let mut progress = Progress::new(src, len, started);
+    // The source is read once, front to back: a larger readahead window.
+    let _ = nix::fcntl::posix_fadvise(
+        from,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+    );
+    let what = || format!("copy {} to {}", src.display(), dst.display());
     let mut method = Method::CopyFileRange;
+    let mut buf = Vec::new();
     let mut offset: i64 = 0;
     while (offset as u64) < len {
         let data = match lseek(from, offset, Whence::SeekData) {
             Ok(d) => d,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => {
-                return Err(CoreError::io(
-                    format!("SEEK_DATA in {}", src.display()),
-                    e.into(),
-                ))
-            }
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(CoreError::io(format!("SEEK_DATA in {}", src.display()), e.into())),
         };
         let hole = lseek(from, data, Whence::SeekHole)
             .context(|| format!("SEEK_HOLE in {}", src.display()))?
             .min(len as i64);
-        copy_range(from, to, data, hole, &mut method, &mut progress)
-            .context(|| format!("copy {} to {}", src.display(), dst.display()))?;
+        let mut pos = data;
+        while pos < hole {
+            let end = (pos + CHUNK).min(hole);
+            copy_range(from, to, pos, end, &mut method, &mut buf).context(what)?;
+            // Start writeback now, so the caller's sync finds little left.
+            // SAFETY: plain syscall on a valid descriptor.
+            unsafe {
+                libc::sync_file_range(
+                    to.as_raw_fd(),
+                    pos,
+                    end - pos,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            progress.add((end - pos) as u64);
+            pos = end;
+        }
         offset = hole;
-    }
-    if len >= GIB {
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        tracing::info!(src = %src.display(), bytes = progress.copied, mb_per_s = progress.copied as f64 / 1e6 / secs, ?method, "copy finished");
     }
     Ok(method)
 }
 
-struct Progress<'a> {
-    src: &'a Path,
-    total: u64,
-    copied: u64,
-    started: Instant,
-    next_report: u64,
-}
-
-impl<'a> Progress<'a> {
-    fn new(src: &'a Path, total: u64, started: Instant) -> Self {
-        Progress {
-            src,
-            total,
-            copied: 0,
-            started,
-            next_report: GIB,
-        }
-    }
-
-    fn add(&mut self, n: u64) {
-        self.copied += n;
-        if self.total >= GIB && self.copied >= self.next_report {
-            let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(src = %self.src.display(), bytes_done = self.copied, mb_per_s = self.copied as f64 / 1e6 / secs, "copy progress");
-            self.next_report += GIB;
-        }
-    }
-}
-
 /// Copies bytes `[start, end)`; falls back to read/write when the kernel
-/// cannot copy_file_range between these files.
+/// cannot copy_file_range between these files. A source that shrinks
+/// under the copy ends it early.
 fn copy_range(
     from: &File,
     to: &File,
     start: i64,
     end: i64,
     method: &mut Method,
-    progress: &mut Progress,
+    buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     let mut off_in = start;
     let mut off_out = start;
     while off_in < end {
-        let want = ((end - off_in) as usize).min(1 << 30);
+        let want = (end - off_in) as usize;
         if *method == Method::CopyFileRange {
             match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
             {
-                Ok(0) => break,
-                Ok(n) => {
-                    progress.add(n as u64);
-                    continue;
-                }
-                Err(nix::errno::Errno::EXDEV)
-                | Err(nix::errno::Errno::EINVAL)
-                | Err(nix::errno::Errno::ENOSYS)
-                | Err(nix::errno::Errno::EOPNOTSUPP) => *method = Method::ReadWrite,
+                Ok(0) => return Ok(()),
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(Errno::EXDEV) | Err(Errno::EINVAL) | Err(Errno::ENOSYS)
+                | Err(Errno::EOPNOTSUPP) => *method = Method::ReadWrite,
                 Err(e) => return Err(e.into()),
             }
         }
-        let mut buf = vec![0u8; want.min(4 << 20)];
-        let n = nix::sys::uio::pread(from, &mut buf, off_in)?;
-        if n == 0 {
-            break;
+        if buf.is_empty() {
+            buf.resize(RW_BUFFER, 0);
         }
+        let n = want.min(buf.len());
+        let got = match nix::sys::uio::pread(from, &mut buf[..n], off_in) {
+            Ok(0) => return Ok(()),
+            Ok(got) => got,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let mut written = 0;
-        while written < n {
-            written += nix::sys::uio::pwrite(to, &buf[written..n], off_out + written as i64)?;
+        while written < got {
+            match nix::sys::uio::pwrite(to, &buf[written..got], off_in + written as i64) {
+                Ok(w) => written += w,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        off_in += n as i64;
-        off_out += n as i64;
-        progress.add(n as u64);
+        off_in += got as i64;
+        off_out = off_in;
     }
     Ok(())
 }
 
-/// Copies the contents of directory `src` into the existing directory `dst`.
-/// Symlinks are copied as links and never followed; nothing outside the two
-/// roots is read or written.
-pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
-    let top = fs::symlink_metadata(src).context(|| format!("stat {}", src.display()))?;
-    if !top.is_dir() {
-        return Err(CoreError::InvalidArgument(format!(
-            "{} is not a directory",
-            src.display()
-        )));
-    }
-    let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
-    copy_dir_entries(src, dst, top.dev(), &mut links)?;
-    copy_attributes(src, dst, &top)
+/// One directory being copied: its source and target descriptors and the
+/// entries still to copy.
+struct Level {
+    src: OwnedFd,
+    dst: OwnedFd,
+    st: FileStat,
+    /// Path below the roots (for messages and hard links).
+    rel: PathBuf,
+    pending: Vec<CString>,
 }
 
-fn copy_dir_entries(
-    src: &Path,
-    dst: &Path,
+/// What an attempt to copy one entry found.
+enum Step {
+    /// Copied (or vanished); `Some` is a directory to descend into.
+    Done(Option<Level>),
+    /// The entry changed type under the copy: look again.
+    Changed,
+}
+
+struct TreeCopy<'a> {
+    src_root: &'a Path,
+    dst_root: OwnedFd,
     dev: u64,
-    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
-) -> CoreResult<()> {
-    for entry in fs::read_dir(src).context(|| format!("list {}", src.display()))? {
-        let entry = entry.context(|| format!("list {}", src.display()))?;
-        let from = entry.path();
-        let to = dst.join(entry.file_name());
-        let st = fs::symlink_metadata(&from).context(|| format!("stat {}", from.display()))?;
-        let ft = st.file_type();
-        if ft.is_dir() {
-            fs::create_dir(&to).context(|| format!("create {}", to.display()))?;
-            if st.dev() == dev {
-                copy_dir_entries(&from, &to, dev, links)?;
+    /// First copy of each multiply-linked source inode, below the target root.
+    links: HashMap<(u64, u64), PathBuf>,
+    progress: Progress<'a>,
+}
+
+/// Copies the contents of directory `src` into the existing directory `dst`
+/// (and `src`'s owner, mode, xattrs and times onto `dst`). The walk is
+/// iterative and by descriptor, so neither depth nor path length can crash
+/// it, and a symlink swapped in mid-copy is copied as a link, not followed.
+pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
+    raise_fd_limit();
+    let open_dir = |p: &Path| {
+        nix::fcntl::open(
+            p,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let src_fd = open_dir(src).map_err(|e| match e {
+        Errno::ENOTDIR | Errno::ELOOP => {
+            CoreError::InvalidArgument(format!("{} is not a directory", src.display()))
+        }
+        e => CoreError::io(format!("open {}", src.display()), e.into()),
+    })?;
+    let dst_fd = open_dir(dst).context(|| format!("open {}", dst.display()))?;
+    let st = fstat(&src_fd).context(|| format!("stat {}", src.display()))?;
+    let mut walk = TreeCopy {
+        src_root: src,
+        dst_root: dst_fd
+            .try_clone()
+            .context(|| format!("dup {}", dst.display()))?,
+        dev: st.st_dev,
+        links: HashMap::new(),
+        progress: Progress::new(src),
+    };
+    let pending = list_dir(&src_fd).context(|| format!("list {}", src.display()))?;
+    let mut stack = vec![Level {
+        src: src_fd,
+        dst: dst_fd,
+        st,
+        rel: PathBuf::new(),
+        pending,
+    }];
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.pending.pop() else {
+            let done = stack.pop().expect("stack is not empty");
+            walk.finish_dir(&done)?;
+            continue;
+        };
+        if let Some(child) = walk.copy_entry(top, &name)? {
+            if stack.len() >= MAX_TREE_DEPTH {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "{} is more than {MAX_TREE_DEPTH} directories deep; such a tree is not cloned",
+                    src.display()
+                )));
             }
-            copy_attributes(&from, &to, &st)?;
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&from).context(|| format!("readlink {}", from.display()))?;
-            std::os::unix::fs::symlink(&target, &to)
-                .context(|| format!("symlink {}", to.display()))?;
-            copy_attributes(&from, &to, &st)?;
-        } else if ft.is_file() {
-            if st.nlink() > 1 {
-                if let Some(first) = links.get(&(st.dev(), st.ino())) {
-                    fs::hard_link(first, &to).context(|| format!("link {}", to.display()))?;
-                    continue;
-                }
-                links.insert((st.dev(), st.ino()), to.clone());
-            }
-            copy_file_new(&from, &to)?;
-            copy_attributes(&from, &to, &st)?;
-        } else {
-            // Device nodes, FIFOs and sockets are recreated, not read.
-            nix::sys::stat::mknod(
-                &to,
-                nix::sys::stat::SFlag::from_bits_truncate(st.mode() & libc::S_IFMT),
-                nix::sys::stat::Mode::from_bits_truncate(st.mode() & 0o7777),
-                st.rdev(),
-            )
-            .context(|| format!("mknod {}", to.display()))?;
-            copy_attributes(&from, &to, &st)?;
+            stack.push(child);
         }
     }
+    walk.progress.finish(Method::CopyFileRange);
     Ok(())
 }
 
-/// Owner, mode, xattrs and times, without following symlinks.
-fn copy_attributes(from: &Path, to: &Path, st: &fs::Metadata) -> CoreResult<()> {
-    let is_link = st.file_type().is_symlink();
+/// Entry names of a directory (without `.` and `..`), last to copy first.
+fn list_dir(dir: &OwnedFd) -> nix::Result<Vec<CString>> {
+    let mut stream = nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for entry in stream.iter() {
+        let name = entry?.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            names.push(name);
+        }
+    }
+    names.reverse();
+    Ok(names)
+}
+
+impl TreeCopy<'_> {
+    fn label(&self, parent: &Level, name: &CStr) -> PathBuf {
+        self.src_root
+            .join(&parent.rel)
+            .join(OsStr::from_bytes(name.to_bytes()))
+    }
+
+    fn copy_entry(&mut self, parent: &Level, name: &CStr) -> CoreResult<Option<Level>> {
+        for _ in 0..8 {
+            let st = match fstatat(&parent.src, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => return Ok(None),
+                Err(e) => {
+                    let path = self.label(parent, name);
+                    return Err(CoreError::io(format!("stat {}", path.display()), e.into()));
+                }
+            };
+            let step = if is_kind(&st, SFlag::S_IFDIR) {
+                self.copy_dir(parent, name)?
+            } else if is_kind(&st, SFlag::S_IFREG) {
+                self.copy_file(parent, name)?
+            } else if is_kind(&st, SFlag::S_IFLNK) {
+                self.copy_symlink(parent, name, &st)?
+            } else {
+                self.copy_node(parent, name, &st)?
+            };
+            if let Step::Done(level) = step {
+                return Ok(level);
+            }
+        }
+        Err(CoreError::Aborted(format!(
+            "{} kept changing while it was copied; retry the request",
+            self.label(parent, name).display()
+        )))
+    }
+
+    fn copy_dir(&mut self, parent: &Level, name: &CStr) -> CoreResult<Step> {
+        let label = || self.label(parent, name).display().to_string();
+        let src = match openat(
+            &parent.src,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(Step::Done(None)),
+            Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(Step::Changed),
+            Err(e) => return Err(CoreError::io(format!("open {}", label()), e.into())),
+        };
+        let st = fstat(&src).context(|| format!("stat {}", label()))?;
+        mkdirat(&parent.dst, name, Mode::from_bits_truncate(0o700))
+            .context(|| format!("create copy of {}", label()))?;
+        let dst = openat(
+            &parent.dst,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .context(|| format!("open copy of {}", label()))?;
+        let level = Level {
+            pending: Vec::new(),
+            rel: parent.rel.join(OsStr::from_bytes(name.to_bytes())),
+            src,
+            dst,
+            st,
+        };
+        if st.st_dev != self.dev {
+            // Another filesystem mounted inside the volume: keep only the mount point.
+            self.finish_dir(&level)?;
+            return Ok(Step::Done(None));
+        }
+        let pending = list_dir(&level.src).context(|| format!("list {}", label()))?;
+        Ok(Step::Done(Some(Level { pending, ..level })))
+    }
+
+    fn copy_file(&mut self, parent: &Level, name: &CStr) -> CoreResult<Step> {
+        let label = self.label(parent, name);
+        let handle = match openat(
+            &parent.src,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(Step::Done(None)),
+            Err(e) => return Err(CoreError::io(format!("open {}", label.display()), e.into())),
+        };
+        let st = fstat(&handle).context(|| format!("stat {}", label.display()))?;
+        if !is_kind(&st, SFlag::S_IFREG) {
+            return Ok(Step::Changed);
+        }
+        let rel = parent.rel.join(OsStr::from_bytes(name.to_bytes()));
+        if st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
+            if let Some(first) = self.links.get(&key) {
+                nix::unistd::linkat(&self.dst_root, first, &parent.dst, name, AtFlags::empty())
+                    .context(|| format!("link copy of {}", label.display()))?;
+                return Ok(Step::Done(None));
+            }
+            self.links.insert(key, rel.clone());
+        }
+        let from = reopen(&handle).context(|| format!("open {}", label.display()))?;
+        let to = openat(
+            &parent.dst,
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .context(|| format!("create copy of {}", label.display()))?;
+        let to = File::from(to);
+        let dst_label = Path::new("<target>").join(&rel);
+        copy_data(&from, &to, &label, &dst_label, &mut self.progress)?;
+        apply_to_fd(from.as_fd(), to.as_fd(), &st, &label)?;
+        Ok(Step::Done(None))
+    }
+
+    fn copy_symlink(&mut self, parent: &Level, name: &CStr, st: &FileStat) -> CoreResult<Step> {
+        let label = self.label(parent, name);
+        let target = match readlinkat(&parent.src, name) {
+            Ok(t) => t,
+            Err(Errno::ENOENT) => return Ok(Step::Done(None)),
+            Err(Errno::EINVAL) => return Ok(Step::Changed),
+            Err(e) => {
+                return Err(CoreError::io(format!("readlink {}", label.display()), e.into()))
+            }
+        };
+        nix::unistd::symlinkat(target.as_os_str(), &parent.dst, name)
+            .context(|| format!("create copy of {}", label.display()))?;
+        apply_at(parent, name, st, true, &label)?;
+        Ok(Step::Done(None))
+    }
+
+    /// FIFOs, sockets and device nodes are recreated, never opened.
+    fn copy_node(&mut self, parent: &Level, name: &CStr, st: &FileStat) -> CoreResult<Step> {
+        let label = self.label(parent, name);
+        let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+        mknodat(
+            &parent.dst,
+            name,
+            kind,
+            Mode::from_bits_truncate(0o600),
+            st.st_rdev,
+        )
+        .context(|| format!("create copy of {}", label.display()))?;
+        apply_at(parent, name, st, false, &label)?;
+        Ok(Step::Done(None))
+    }
+
+    /// A directory's attributes go on after its entries (they change its mtime).
+    fn finish_dir(&self, level: &Level) -> CoreResult<()> {
+        let label = self.src_root.join(&level.rel);
+        apply_to_fd(level.src.as_fd(), level.dst.as_fd(), &level.st, &label)
+    }
+}
+
+/// Owner, mode, xattrs and times onto an open copy. chown comes first (it
+/// clears set-id bits), times last.
+fn apply_to_fd(from: BorrowedFd, to: BorrowedFd, st: &FileStat, label: &Path) -> CoreResult<()> {
+    let what = || format!("copy attributes of {}", label.display());
+    nix::unistd::fchown(to, Some(nix::unistd::Uid::from_raw(st.st_uid)), Some(nix::unistd::Gid::from_raw(st.st_gid))).context(what)?;
+    nix::sys::stat::fchmod(to, Mode::from_bits_truncate(st.st_mode & 0o7777)).context(what)?;
+    copy_xattrs(Xattrs::Fd(from), Xattrs::Fd(to), label)?;
+    nix::sys::stat::futimens(to, &atime(st), &mtime(st)).context(what)
+}
+
+/// The same for an entry that is not opened (symlink or special file).
+fn apply_at(
+    parent: &Level,
+    name: &CStr,
+    st: &FileStat,
+    is_link: bool,
+    label: &Path,
+) -> CoreResult<()> {
+    let what = || format!("copy attributes of {}", label.display());
     nix::unistd::fchownat(
-        nix::fcntl::AT_FDCWD,
-        to,
-        Some(nix::unistd::Uid::from_raw(st.uid())),
-        Some(nix::unistd::Gid::from_raw(st.gid())),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        &parent.dst,
+        name,
+        Some(nix::unistd::Uid::from_raw(st.st_uid)),
+        Some(nix::unistd::Gid::from_raw(st.st_gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .context(|| format!("chown {}", to.display()))?;
+    .context(what)?;
     if !is_link {
-        fs::set_permissions(to, fs::Permissions::from_mode(st.mode() & 0o7777))
-            .context(|| format!("chmod {}", to.display()))?;
+        // The target entry is the node just made, so following is safe.
+        nix::sys::stat::fchmodat(
+            &parent.dst,
+            name,
+            Mode::from_bits_truncate(st.st_mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .context(what)?;
     }
-    copy_xattrs(from, to)?;
-    let atime = TimeSpec::new(st.atime(), st.atime_nsec());
-    let mtime = TimeSpec::new(st.mtime(), st.mtime_nsec());
-    utimensat(
-        nix::fcntl::AT_FDCWD,
-        to,
-        &atime,
-        &mtime,
-        UtimensatFlags::NoFollowSymlink,
+    // l*xattr through the directory descriptors' /proc names: no re-resolution
+    // of the source path, and the final component is not followed.
+    let (src, dst) = (proc_entry(&parent.src, name), proc_entry(&parent.dst, name));
+    copy_xattrs(Xattrs::Link(&src), Xattrs::Link(&dst), label)?;
+    nix::sys::stat::utimensat(
+        &parent.dst,
+        name,
+        &atime(st),
+        &mtime(st),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
-    .context(|| format!("set times of {}", to.display()))
+    .context(what)
 }
 
-fn cpath(p: &Path) -> CoreResult<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| CoreError::InvalidArgument(format!("{} holds a NUL byte", p.display())))
+fn atime(st: &FileStat) -> TimeSpec {
+    TimeSpec::new(st.st_atime, st.st_atime_nsec)
 }
 
-fn copy_xattrs(from: &Path, to: &Path) -> CoreResult<()> {
-    let (cfrom, cto) = (cpath(from)?, cpath(to)?);
-    let mut names = vec![0u8; 4096];
-    // SAFETY: the buffers are valid for the lengths passed.
-    let n = unsafe { libc::llistxattr(cfrom.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n <= 0 {
-        return Ok(());
+fn mtime(st: &FileStat) -> TimeSpec {
+    TimeSpec::new(st.st_mtime, st.st_mtime_nsec)
+}
+
+fn proc_entry(dir: &OwnedFd, name: &CStr) -> CString {
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.to_bytes());
+    CString::new(path).expect("names hold no NUL")
+}
+
+/// Where extended attributes are read or written.
+#[derive(Clone, Copy)]
+enum Xattrs<'a> {
+    Fd(BorrowedFd<'a>),
+    /// A path whose last component is not followed.
+    Link(&'a CStr),
+}
+
+impl Xattrs<'_> {
+    fn list(self, buf: &mut [u8]) -> isize {
+        let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+        // SAFETY: the buffer is valid for `len` bytes (a null, 0-length one asks the size).
+        unsafe {
+            match self {
+                Xattrs::Fd(fd) => libc::flistxattr(fd.as_raw_fd(), ptr, len),
+                Xattrs::Link(p) => libc::llistxattr(p.as_ptr(), ptr, len),
+            }
+        }
     }
-    names.truncate(n as usize);
+
+    fn get(self, name: &CStr, buf: &mut [u8]) -> isize {
+        let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+        // SAFETY: as above.
+        unsafe {
+            match self {
+                Xattrs::Fd(fd) => libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len),
+                Xattrs::Link(p) => libc::lgetxattr(p.as_ptr(), name.as_ptr(), ptr, len),
+            }
+        }
+    }
+
+    fn set(self, name: &CStr, value: &[u8]) -> std::io::Result<()> {
+        let (ptr, len) = (value.as_ptr().cast(), value.len());
+        // SAFETY: the value is valid for `len` bytes.
+        let rc = unsafe {
+            match self {
+                Xattrs::Fd(fd) => libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len, 0),
+                Xattrs::Link(p) => libc::lsetxattr(p.as_ptr(), name.as_ptr(), ptr, len, 0),
+            }
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+/// Calls `f` once for the size and once for the data; retries if it grew.
+fn read_sized(mut f: impl FnMut(&mut [u8]) -> isize) -> std::io::Result<Vec<u8>> {
+    loop {
+        let size = f(&mut []);
+        if size < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = f(&mut buf);
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) {
+            return Err(err);
+        }
+    }
+}
+
+fn copy_xattrs(from: Xattrs, to: Xattrs, label: &Path) -> CoreResult<()> {
+    let names = match read_sized(|buf| from.list(buf)) {
+        Ok(names) => names,
+        // No xattr support, or no /proc to name a symlink by.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENOENT)) => {
+            return Ok(())
+        }
+        Err(e) => return Err(CoreError::io(format!("list xattrs of {}", label.display()), e)),
+    };
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let cname = CString::new(name).expect("split on NUL");
-        let mut value = vec![0u8; 65536];
-        // SAFETY: as above.
-        let len = unsafe {
-            libc::lgetxattr(
-                cfrom.as_ptr(),
-                cname.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
+        let value = match read_sized(|buf| from.get(&cname, buf)) {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => {
+                return Err(CoreError::io(
+                    format!("read xattr {} of {}", cname.to_string_lossy(), label.display()),
+                    e,
+                ))
+            }
         };
-        if len < 0 {
-            continue;
-        }
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::lsetxattr(
-                cto.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr().cast(),
-                len as usize,
-                0,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
+        if let Err(e) = to.set(&cname, &value) {
             // Some namespaces (e.g. security.*) may be refused; user data is not.
             if name.starts_with(b"user.") {
-                return Err(CoreError::io(format!("set xattr on {}", to.display()), err));
+                return Err(CoreError::io(
+                    format!("copy xattr {} of {}", cname.to_string_lossy(), label.display()),
+                    e,
+                ));
             }
-            tracing::debug!(path = %to.display(), error = %err, "xattr not copied");
+            tracing::debug!(path = %label.display(), xattr = %cname.to_string_lossy(), error = %e, "xattr not copied");
         }
     }
     Ok(())
+}
+
+/// Deep trees need a descriptor per level on each side; lift the soft
+/// limit to the hard one once (as the Go runtime does for every program).
+fn raise_fd_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn sparse_copy_keeps_holes_and_data() {
@@ -349,5 +756,37 @@ mod tests {
             blocks < 1 << 20,
             "holes were filled: {blocks} bytes allocated"
         );
+    }
+
+    #[test]
+    fn fifos_and_symlinks_are_not_opened_as_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(open_regular(&fifo).unwrap().is_none());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+        assert!(open_regular(&link).unwrap().is_none());
+        assert!(open_regular(&dir.path().join("missing")).unwrap().is_none());
+        assert!(matches!(
+            copy_file_new(&fifo, &dir.path().join("x")),
+            Err(CoreError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn xattr_lists_longer_than_any_fixed_buffer_are_read_whole() {
+        let mut calls = 0;
+        let data = read_sized(|buf| {
+            calls += 1;
+            if buf.is_empty() {
+                return 10_000;
+            }
+            buf.fill(b'a');
+            buf.len() as isize
+        })
+        .unwrap();
+        assert_eq!(data.len(), 10_000);
+        assert_eq!(calls, 2);
     }
 }

@@ -276,7 +276,11 @@ pub fn pool_users(target: &Path, logical_target: &Path) -> Result<Vec<String>> {
                 m.mount_point.display()
             ));
         } else if m.mount_point != target && m.mount_point.starts_with(target) {
-            users.push(format!("{} is mounted on {}", m.source, m.mount_point.display()));
+            users.push(format!(
+                "{} is mounted on {}",
+                m.source,
+                m.mount_point.display()
+            ));
         }
     }
     for dev in block::list_attached() {
@@ -312,8 +316,8 @@ pub fn unmount_pool(target: &Path, host_root: Option<&Path>) -> Result<UnmountOu
 /// A wrong source ends the loop with an error, so the pod shows it.
 pub async fn watch(req: MountRequest, interval: Duration) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| CoreError::io("install SIGTERM handler", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| CoreError::io("install SIGTERM handler", e))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| CoreError::io("install SIGINT handler", e))?;
     let mut first = true;

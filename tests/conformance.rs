@@ -25,23 +25,48 @@ fn exact(name: &str, size: i64) -> CreateVolumeRequest {
 #[tokio::test]
 async fn identity_reports_name_capabilities_and_readiness() {
     let mut d = Driver::start().await;
-    let info = d.c.identity.get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
+    let info =
+        d.c.identity
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(info.name, "kubevirt.io.hostpath-provisioner");
     assert!(!info.vendor_version.is_empty());
-    let caps = d.c.identity.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let caps =
+        d.c.identity
+            .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert!(caps.capabilities.len() >= 2);
-    let probe = d.c.identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    let probe =
+        d.c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(probe.ready, Some(true));
     // A pool that disappears makes the driver not ready (but Probe still answers).
     std::fs::rename(d.pool(), d.path("moved-pool")).unwrap();
-    let probe = d.c.identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    let probe =
+        d.c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(probe.ready, Some(false));
 }
 
 #[tokio::test]
 async fn capabilities_are_known_values_and_consistent() {
     let mut d = Driver::start().await;
-    let ctrl = d.c.controller.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let ctrl =
+        d.c.controller
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     let types: Vec<i32> = ctrl
         .capabilities
         .iter()
@@ -50,23 +75,47 @@ async fn capabilities_are_known_values_and_consistent() {
             None => 0,
         })
         .collect();
-    assert!(types.iter().all(|t| *t != 0 && CtrlCap::try_from(*t).is_ok()));
-    for needed in [CtrlCap::CreateDeleteVolume, CtrlCap::ListVolumes, CtrlCap::GetCapacity] {
+    assert!(types
+        .iter()
+        .all(|t| *t != 0 && CtrlCap::try_from(*t).is_ok()));
+    for needed in [
+        CtrlCap::CreateDeleteVolume,
+        CtrlCap::ListVolumes,
+        CtrlCap::GetCapacity,
+    ] {
         assert!(types.contains(&(needed as i32)), "{needed:?}");
     }
     // Not advertised, so not implemented.
-    let r = d.c.controller.controller_publish_volume(ControllerPublishVolumeRequest::default()).await;
+    let r =
+        d.c.controller
+            .controller_publish_volume(ControllerPublishVolumeRequest::default())
+            .await;
     assert!(!types.contains(&(CtrlCap::PublishUnpublishVolume as i32)));
     assert_eq!(code(&r), Code::Unimplemented);
-    let node = d.c.node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let node =
+        d.c.node
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert!(node.capabilities.iter().all(|c| match &c.r#type {
-        Some(node_service_capability::Type::Rpc(r)) => r.r#type != 0 && NodeCap::try_from(r.r#type).is_ok(),
+        Some(node_service_capability::Type::Rpc(r)) =>
+            r.r#type != 0 && NodeCap::try_from(r.r#type).is_ok(),
         None => false,
     }));
-    let info = d.c.node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
+    let info =
+        d.c.node
+            .node_get_info(NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(info.node_id, NODE);
     assert_eq!(
-        info.accessible_topology.unwrap().segments.get("topology.hostpath.csi/node").map(String::as_str),
+        info.accessible_topology
+            .unwrap()
+            .segments
+            .get("topology.hostpath.csi/node")
+            .map(String::as_str),
         Some(NODE)
     );
 }
@@ -74,59 +123,130 @@ async fn capabilities_are_known_values_and_consistent() {
 #[tokio::test]
 async fn create_volume_validates_required_fields() {
     let mut d = Driver::start().await;
-    let r = d.c.controller.create_volume(CreateVolumeRequest::default()).await;
+    let r =
+        d.c.controller
+            .create_volume(CreateVolumeRequest::default())
+            .await;
     assert_eq!(code(&r), Code::InvalidArgument);
-    let r = d
-        .c
-        .controller
-        .create_volume(CreateVolumeRequest {
-            name: "no-caps".into(),
-            ..Default::default()
-        })
-        .await;
+    let r =
+        d.c.controller
+            .create_volume(CreateVolumeRequest {
+                name: "no-caps".into(),
+                ..Default::default()
+            })
+            .await;
     assert_eq!(code(&r), Code::InvalidArgument);
     // Capability without access type or access mode.
     let mut req = create_req("bad-cap", GIB, rwo());
     req.volume_capabilities[0].access_type = None;
-    assert_eq!(code(&d.c.controller.create_volume(req).await), Code::InvalidArgument);
+    assert_eq!(
+        code(&d.c.controller.create_volume(req).await),
+        Code::InvalidArgument
+    );
     let mut req = create_req("bad-mode", GIB, rwo());
     req.volume_capabilities[0].access_mode = None;
-    assert_eq!(code(&d.c.controller.create_volume(req).await), Code::InvalidArgument);
-    assert!(tree(d.pool()).iter().all(|p| p.to_string_lossy().contains(".hostpath-csi")));
+    assert_eq!(
+        code(&d.c.controller.create_volume(req).await),
+        Code::InvalidArgument
+    );
+    assert!(tree(d.pool())
+        .iter()
+        .all(|p| p.to_string_lossy().contains(".hostpath-csi")));
 }
 
 #[tokio::test]
 async fn create_volume_returns_requested_capacity_and_context() {
     let mut d = Driver::start().await;
-    let v = d.c.controller.create_volume(exact("pvc-exact", SIZE)).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(exact("pvc-exact", SIZE))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(v.volume_id, "pvc-exact");
     assert_eq!(v.capacity_bytes, SIZE);
-    assert_eq!(v.volume_context.get("storagePool").map(String::as_str), Some("local"));
+    assert_eq!(
+        v.volume_context.get("storagePool").map(String::as_str),
+        Some("local")
+    );
     assert_eq!(v.accessible_topology.len(), 1);
-    assert_eq!(v.accessible_topology[0].segments.get("topology.hostpath.csi/node").map(String::as_str), Some(NODE));
+    assert_eq!(
+        v.accessible_topology[0]
+            .segments
+            .get("topology.hostpath.csi/node")
+            .map(String::as_str),
+        Some(NODE)
+    );
     assert!(d.pool().join("pvc-exact").is_dir());
     // Rounded up to 4 KiB.
-    let v = d.c.controller.create_volume(create_req("pvc-odd", 1000, rwo())).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(create_req("pvc-odd", 1000, rwo()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(v.capacity_bytes, 4096);
     // No range: capacity unknown (0) for a directory.
     let mut r = create_req("pvc-norange", 0, rwo());
     r.capacity_range = None;
-    let v = d.c.controller.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(v.capacity_bytes, 0);
 }
 
 #[tokio::test]
 async fn create_volume_is_idempotent_and_detects_conflicts() {
     let mut d = Driver::start().await;
-    let a = d.c.controller.create_volume(create_req("pvc-same", SIZE, rwo())).await.unwrap().into_inner().volume.unwrap();
-    let b = d.c.controller.create_volume(create_req("pvc-same", SIZE, rwo())).await.unwrap().into_inner().volume.unwrap();
+    let a =
+        d.c.controller
+            .create_volume(create_req("pvc-same", SIZE, rwo()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let b =
+        d.c.controller
+            .create_volume(create_req("pvc-same", SIZE, rwo()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(a, b);
-    let r = d.c.controller.create_volume(exact("pvc-same", 2 * SIZE)).await;
+    let r =
+        d.c.controller
+            .create_volume(exact("pvc-same", 2 * SIZE))
+            .await;
     assert_eq!(code(&r), Code::AlreadyExists);
-    let r = d.c.controller.create_volume(create_req("pvc-same", GIB, block_cap(Mode::SingleNodeWriter))).await;
+    let r =
+        d.c.controller
+            .create_volume(create_req(
+                "pvc-same",
+                GIB,
+                block_cap(Mode::SingleNodeWriter),
+            ))
+            .await;
     assert_eq!(code(&r), Code::AlreadyExists);
     let long = "a".repeat(128);
-    let v = d.c.controller.create_volume(create_req(&long, SIZE, rwo())).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(create_req(&long, SIZE, rwo()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(v.volume_id, long);
 }
 
@@ -134,11 +254,23 @@ async fn create_volume_is_idempotent_and_detects_conflicts() {
 async fn create_volume_range_errors() {
     let mut d = Driver::start().await;
     let mut r = create_req("neg", -1, rwo());
-    assert_eq!(code(&d.c.controller.create_volume(r.clone()).await), Code::InvalidArgument);
-    r.capacity_range = Some(CapacityRange { required_bytes: 2 * GIB, limit_bytes: GIB });
-    assert_eq!(code(&d.c.controller.create_volume(r).await), Code::InvalidArgument);
+    assert_eq!(
+        code(&d.c.controller.create_volume(r.clone()).await),
+        Code::InvalidArgument
+    );
+    r.capacity_range = Some(CapacityRange {
+        required_bytes: 2 * GIB,
+        limit_bytes: GIB,
+    });
+    assert_eq!(
+        code(&d.c.controller.create_volume(r).await),
+        Code::InvalidArgument
+    );
     let huge = create_req("huge", i64::MAX / 2, rwo());
-    assert_eq!(code(&d.c.controller.create_volume(huge).await), Code::OutOfRange);
+    assert_eq!(
+        code(&d.c.controller.create_volume(huge).await),
+        Code::OutOfRange
+    );
     assert!(!d.pool().join("huge").exists());
 }
 
@@ -147,18 +279,32 @@ async fn create_volume_pool_and_topology_rules() {
     let mut d = Driver::start_with(&[("fast", None), ("slow", None)]).await;
     let mut r = create_req("pvc-slow", GIB, rwo());
     r.parameters = params(&[("storagePool", "slow")]);
-    let v = d.c.controller.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(v.volume_context["storagePool"], "slow");
     assert!(d.pool_paths[1].join("pvc-slow").is_dir());
     let mut r = create_req("pvc-none", GIB, rwo());
     r.parameters = params(&[("storagePool", "nope")]);
     let e = d.c.controller.create_volume(r).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("fast") && e.message().contains("slow"), "{}", e.message());
+    assert!(
+        e.message().contains("fast") && e.message().contains("slow"),
+        "{}",
+        e.message()
+    );
     // Same name in another pool conflicts.
     let mut r = create_req("pvc-slow", GIB, rwo());
     r.parameters = params(&[("storagePool", "fast")]);
-    assert_eq!(code(&d.c.controller.create_volume(r).await), Code::AlreadyExists);
+    assert_eq!(
+        code(&d.c.controller.create_volume(r).await),
+        Code::AlreadyExists
+    );
     // Topology that excludes this node.
     let mut r = create_req("pvc-elsewhere", GIB, rwo());
     r.accessibility_requirements = Some(TopologyRequirement {
@@ -167,25 +313,50 @@ async fn create_volume_pool_and_topology_rules() {
         }],
         preferred: vec![],
     });
-    assert_eq!(code(&d.c.controller.create_volume(r.clone()).await), Code::ResourceExhausted);
-    r.accessibility_requirements.as_mut().unwrap().requisite[0].segments = params(&[("topology.hostpath.csi/node", NODE)]);
+    assert_eq!(
+        code(&d.c.controller.create_volume(r.clone()).await),
+        Code::ResourceExhausted
+    );
+    r.accessibility_requirements.as_mut().unwrap().requisite[0].segments =
+        params(&[("topology.hostpath.csi/node", NODE)]);
     assert_eq!(code(&d.c.controller.create_volume(r).await), Code::Ok);
     // Multi-node modes are refused on a node-local pool.
     let r = create_req("pvc-rwx", GIB, mount_cap(Mode::MultiNodeMultiWriter));
-    assert_eq!(code(&d.c.controller.create_volume(r).await), Code::InvalidArgument);
+    assert_eq!(
+        code(&d.c.controller.create_volume(r).await),
+        Code::InvalidArgument
+    );
 }
 
 #[tokio::test]
 async fn delete_volume_rules() {
     let mut d = Driver::start().await;
-    let r = d.c.controller.delete_volume(DeleteVolumeRequest::default()).await;
+    let r =
+        d.c.controller
+            .delete_volume(DeleteVolumeRequest::default())
+            .await;
     assert_eq!(code(&r), Code::InvalidArgument);
-    let r = d.c.controller.delete_volume(DeleteVolumeRequest { volume_id: "fake-vol-id".into(), ..Default::default() }).await;
+    let r =
+        d.c.controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: "fake-vol-id".into(),
+                ..Default::default()
+            })
+            .await;
     assert_eq!(code(&r), Code::Ok);
-    d.c.controller.create_volume(create_req("pvc-del", GIB, rwo())).await.unwrap();
+    d.c.controller
+        .create_volume(create_req("pvc-del", GIB, rwo()))
+        .await
+        .unwrap();
     std::fs::write(d.pool().join("pvc-del/data"), b"x").unwrap();
     for _ in 0..2 {
-        let r = d.c.controller.delete_volume(DeleteVolumeRequest { volume_id: "pvc-del".into(), ..Default::default() }).await;
+        let r =
+            d.c.controller
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: "pvc-del".into(),
+                    ..Default::default()
+                })
+                .await;
         assert_eq!(code(&r), Code::Ok);
     }
     assert!(!d.pool().join("pvc-del").exists());
@@ -195,17 +366,50 @@ async fn delete_volume_rules() {
 #[tokio::test]
 async fn validate_volume_capabilities_rules() {
     let mut d = Driver::start().await;
-    let v = d.c.controller.create_volume(create_req("pvc-val", GIB, rwo())).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(create_req("pvc-val", GIB, rwo()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     let req = |id: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
         volume_id: id.into(),
         volume_capabilities: caps,
         volume_context: v.volume_context.clone(),
         ..Default::default()
     };
-    assert_eq!(code(&d.c.controller.validate_volume_capabilities(req("", vec![rwo()])).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.controller.validate_volume_capabilities(req("pvc-val", vec![])).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.controller.validate_volume_capabilities(req("fake-vol-id-1", vec![rwo()])).await), Code::NotFound);
-    let ok = d.c.controller.validate_volume_capabilities(req("pvc-val", vec![rwo()])).await.unwrap().into_inner();
+    assert_eq!(
+        code(
+            &d.c.controller
+                .validate_volume_capabilities(req("", vec![rwo()]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.controller
+                .validate_volume_capabilities(req("pvc-val", vec![]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.controller
+                .validate_volume_capabilities(req("fake-vol-id-1", vec![rwo()]))
+                .await
+        ),
+        Code::NotFound
+    );
+    let ok =
+        d.c.controller
+            .validate_volume_capabilities(req("pvc-val", vec![rwo()]))
+            .await
+            .unwrap()
+            .into_inner();
     assert!(!ok.confirmed.unwrap().volume_capabilities.is_empty());
     let no = d
         .c
@@ -215,13 +419,12 @@ async fn validate_volume_capabilities_rules() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty());
-    let no = d
-        .c
-        .controller
-        .validate_volume_capabilities(req("pvc-val", vec![block_cap(Mode::SingleNodeWriter)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let no =
+        d.c.controller
+            .validate_volume_capabilities(req("pvc-val", vec![block_cap(Mode::SingleNodeWriter)]))
+            .await
+            .unwrap()
+            .into_inner();
     assert!(no.confirmed.is_none());
 }
 
@@ -229,23 +432,72 @@ async fn validate_volume_capabilities_rules() {
 async fn list_volumes_pages_with_stable_tokens() {
     let mut d = Driver::start().await;
     for i in 0..5 {
-        d.c.controller.create_volume(create_req(&format!("vol-{i}"), GIB, rwo())).await.unwrap();
+        d.c.controller
+            .create_volume(create_req(&format!("vol-{i}"), GIB, rwo()))
+            .await
+            .unwrap();
     }
-    let all = d.c.controller.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    let all =
+        d.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(all.entries.len(), 5);
     assert!(all.next_token.is_empty());
-    let p1 = d.c.controller.list_volumes(ListVolumesRequest { max_entries: 2, starting_token: String::new() }).await.unwrap().into_inner();
+    let p1 =
+        d.c.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(p1.entries.len(), 2);
     assert!(!p1.next_token.is_empty());
     // Delete the last entry of the page and add a new volume: the token still works.
-    d.c.controller.delete_volume(DeleteVolumeRequest { volume_id: "vol-1".into(), ..Default::default() }).await.unwrap();
-    d.c.controller.create_volume(create_req("vol-9", GIB, rwo())).await.unwrap();
-    let p2 = d.c.controller.list_volumes(ListVolumesRequest { max_entries: 0, starting_token: p1.next_token }).await.unwrap().into_inner();
-    let ids: Vec<String> = p2.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.clone()).collect();
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "vol-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    d.c.controller
+        .create_volume(create_req("vol-9", GIB, rwo()))
+        .await
+        .unwrap();
+    let p2 =
+        d.c.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 0,
+                starting_token: p1.next_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let ids: Vec<String> = p2
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
     assert_eq!(ids, ["vol-2", "vol-3", "vol-4", "vol-9"]);
-    let r = d.c.controller.list_volumes(ListVolumesRequest { max_entries: 0, starting_token: "invalid-token".into() }).await;
+    let r =
+        d.c.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 0,
+                starting_token: "invalid-token".into(),
+            })
+            .await;
     assert_eq!(code(&r), Code::Aborted);
-    let r = d.c.controller.list_volumes(ListVolumesRequest { max_entries: -1, starting_token: String::new() }).await;
+    let r =
+        d.c.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: -1,
+                starting_token: String::new(),
+            })
+            .await;
     assert_eq!(code(&r), Code::InvalidArgument);
     // The private area is never a volume.
     assert!(ids.iter().all(|i| !i.starts_with('.')));
@@ -254,55 +506,111 @@ async fn list_volumes_pages_with_stable_tokens() {
 #[tokio::test]
 async fn get_capacity_reports_pool_space_for_this_node_only() {
     let mut d = Driver::start().await;
-    let r = d.c.controller.get_capacity(GetCapacityRequest::default()).await.unwrap().into_inner();
+    let r =
+        d.c.controller
+            .get_capacity(GetCapacityRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
     assert!(r.available_capacity > 0);
     assert!(r.maximum_volume_size.unwrap() > 0);
     let other = GetCapacityRequest {
-        accessible_topology: Some(Topology { segments: params(&[("topology.hostpath.csi/node", "elsewhere")]) }),
+        accessible_topology: Some(Topology {
+            segments: params(&[("topology.hostpath.csi/node", "elsewhere")]),
+        }),
         ..Default::default()
     };
-    assert_eq!(d.c.controller.get_capacity(other).await.unwrap().into_inner().available_capacity, 0);
-    let bad = GetCapacityRequest { parameters: params(&[("storagePool", "missing")]), ..Default::default() };
-    assert_eq!(code(&d.c.controller.get_capacity(bad).await), Code::InvalidArgument);
+    assert_eq!(
+        d.c.controller
+            .get_capacity(other)
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity,
+        0
+    );
+    let bad = GetCapacityRequest {
+        parameters: params(&[("storagePool", "missing")]),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&d.c.controller.get_capacity(bad).await),
+        Code::InvalidArgument
+    );
 }
 
 #[tokio::test]
 async fn controller_get_volume_and_expand() {
     let mut d = Driver::start().await;
-    let r = d.c.controller.controller_get_volume(ControllerGetVolumeRequest { volume_id: "missing".into() }).await;
+    let r =
+        d.c.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "missing".into(),
+            })
+            .await;
     assert_eq!(code(&r), Code::NotFound);
-    d.c.controller.create_volume(create_req("pvc-grow", SIZE, rwo())).await.unwrap();
-    let got = d.c.controller.controller_get_volume(ControllerGetVolumeRequest { volume_id: "pvc-grow".into() }).await.unwrap().into_inner();
+    d.c.controller
+        .create_volume(create_req("pvc-grow", SIZE, rwo()))
+        .await
+        .unwrap();
+    let got =
+        d.c.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "pvc-grow".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert!(got.status.is_some());
     assert_eq!(got.volume.unwrap().capacity_bytes, SIZE);
-    let r = d.c.controller.controller_expand_volume(ControllerExpandVolumeRequest { volume_id: "pvc-grow".into(), ..Default::default() }).await;
+    let r =
+        d.c.controller
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: "pvc-grow".into(),
+                ..Default::default()
+            })
+            .await;
     assert_eq!(code(&r), Code::InvalidArgument);
-    let r = d
-        .c
-        .controller
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: "pvc-grow".into(),
-            capacity_range: Some(CapacityRange { required_bytes: SIZE + GIB, limit_bytes: 0 }),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        d.c.controller
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: "pvc-grow".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: SIZE + GIB,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(r.capacity_bytes, SIZE + GIB);
     assert!(!r.node_expansion_required);
     let shrink = ControllerExpandVolumeRequest {
         volume_id: "pvc-grow".into(),
-        capacity_range: Some(CapacityRange { required_bytes: GIB, limit_bytes: GIB }),
+        capacity_range: Some(CapacityRange {
+            required_bytes: GIB,
+            limit_bytes: GIB,
+        }),
         ..Default::default()
     };
-    assert_eq!(code(&d.c.controller.controller_expand_volume(shrink).await), Code::OutOfRange);
+    assert_eq!(
+        code(&d.c.controller.controller_expand_volume(shrink).await),
+        Code::OutOfRange
+    );
     let missing = ControllerExpandVolumeRequest {
         volume_id: "missing".into(),
-        capacity_range: Some(CapacityRange { required_bytes: GIB, limit_bytes: 0 }),
+        capacity_range: Some(CapacityRange {
+            required_bytes: GIB,
+            limit_bytes: 0,
+        }),
         ..Default::default()
     };
-    assert_eq!(code(&d.c.controller.controller_expand_volume(missing).await), Code::NotFound);
+    assert_eq!(
+        code(&d.c.controller.controller_expand_volume(missing).await),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
@@ -310,24 +618,61 @@ async fn modify_volume_rules() {
     let mut d = Driver::start().await;
     let mut r = create_req("pvc-mod", GIB, rwo());
     r.mutable_parameters = params(&[("XXX_FakeKey", "x")]);
-    assert_eq!(code(&d.c.controller.create_volume(r).await), Code::InvalidArgument);
-    d.c.controller.create_volume(create_req("pvc-mod", GIB, rwo())).await.unwrap();
+    assert_eq!(
+        code(&d.c.controller.create_volume(r).await),
+        Code::InvalidArgument
+    );
+    d.c.controller
+        .create_volume(create_req("pvc-mod", GIB, rwo()))
+        .await
+        .unwrap();
     let m = |id: &str, p: &[(&str, &str)]| ControllerModifyVolumeRequest {
         volume_id: id.into(),
         mutable_parameters: params(p),
         ..Default::default()
     };
-    assert_eq!(code(&d.c.controller.controller_modify_volume(m("", &[])).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.controller.controller_modify_volume(m("non-existing-volume-id", &[])).await), Code::NotFound);
-    assert_eq!(code(&d.c.controller.controller_modify_volume(m("pvc-mod", &[("XXX_FakeKey", "x")])).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.controller.controller_modify_volume(m("pvc-mod", &[])).await), Code::Ok);
+    assert_eq!(
+        code(&d.c.controller.controller_modify_volume(m("", &[])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.controller
+                .controller_modify_volume(m("non-existing-volume-id", &[]))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            &d.c.controller
+                .controller_modify_volume(m("pvc-mod", &[("XXX_FakeKey", "x")]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.controller
+                .controller_modify_volume(m("pvc-mod", &[]))
+                .await
+        ),
+        Code::Ok
+    );
 }
 
 /// csi-sanity's node flow: parent dir exists, the driver makes and removes `target`.
 #[tokio::test]
 async fn node_full_cycle_with_stats_and_idempotency() {
     let mut d = Driver::start().await;
-    let v = d.c.controller.create_volume(exact("pvc-node", SIZE)).await.unwrap().into_inner().volume.unwrap();
+    let v =
+        d.c.controller
+            .create_volume(exact("pvc-node", SIZE))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     let mount_dir = d.path("csi-mount");
     let staging = d.path("csi-staging");
     std::fs::create_dir(&mount_dir).unwrap();
@@ -356,39 +701,47 @@ async fn node_full_cycle_with_stats_and_idempotency() {
     for _ in 0..10 {
         d.c.node.node_publish_volume(publish.clone()).await.unwrap();
     }
-    assert_eq!(mounts_under(&target).len(), 1, "repeated publish must not stack mounts");
+    assert_eq!(
+        mounts_under(&target).len(),
+        1,
+        "repeated publish must not stack mounts"
+    );
     std::fs::write(target.join("hello"), vec![1u8; 256 * 1024]).unwrap();
     assert!(d.pool().join("pvc-node/hello").exists());
     // Read-only publish of the same target is a conflict.
     let mut ro = publish.clone();
     ro.readonly = true;
-    assert_eq!(code(&d.c.node.node_publish_volume(ro).await), Code::AlreadyExists);
-    let stats = d
-        .c
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: target.to_string_lossy().into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(
+        code(&d.c.node.node_publish_volume(ro).await),
+        Code::AlreadyExists
+    );
+    let stats =
+        d.c.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: target.to_string_lossy().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
     let bytes = &stats.usage[0];
     assert_eq!(bytes.total, SIZE);
-    assert!(bytes.used >= 256 * 1024 && bytes.used < 4 * MIB, "volume's own usage, not the pool's: {bytes:?}");
+    assert!(
+        bytes.used >= 256 * 1024 && bytes.used < 4 * MIB,
+        "volume's own usage, not the pool's: {bytes:?}"
+    );
     assert!(!stats.volume_condition.unwrap().abnormal);
     let inodes = &stats.usage[1];
     assert_eq!(inodes.used, 2);
-    let r = d
-        .c
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: "some/path".into(),
-            ..Default::default()
-        })
-        .await;
+    let r =
+        d.c.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: "some/path".into(),
+                ..Default::default()
+            })
+            .await;
     assert_eq!(code(&r), Code::NotFound);
     for _ in 0..2 {
         d.c.node
@@ -399,7 +752,10 @@ async fn node_full_cycle_with_stats_and_idempotency() {
             .await
             .unwrap();
     }
-    assert!(!target.exists(), "unpublish must remove the target it created");
+    assert!(
+        !target.exists(),
+        "unpublish must remove the target it created"
+    );
     for _ in 0..2 {
         d.c.node
             .node_unstage_volume(NodeUnstageVolumeRequest {
@@ -410,7 +766,13 @@ async fn node_full_cycle_with_stats_and_idempotency() {
             .unwrap();
     }
     assert!(mounts_under(d.dir.path()).is_empty());
-    d.c.controller.delete_volume(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert!(std::fs::read_dir(&mount_dir).unwrap().next().is_none());
 }
 
@@ -424,12 +786,50 @@ async fn node_publish_validation_and_read_only() {
         ..Default::default()
     };
     let t = d.path("t").to_string_lossy().into_owned();
-    assert_eq!(code(&d.c.node.node_publish_volume(pubreq("", &t, Some(rwo()))).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_publish_volume(pubreq("fake-vol", "", Some(rwo()))).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_publish_volume(pubreq("fake-vol", &t, None)).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_publish_volume(pubreq("fake-vol", &t, Some(rwo()))).await), Code::NotFound);
-    d.c.controller.create_volume(create_req("pvc-ro", GIB, rwo())).await.unwrap();
-    assert_eq!(code(&d.c.node.node_publish_volume(pubreq("pvc-ro", "relative/path", Some(rwo()))).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_publish_volume(pubreq("", &t, Some(rwo())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_publish_volume(pubreq("fake-vol", "", Some(rwo())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_publish_volume(pubreq("fake-vol", &t, None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_publish_volume(pubreq("fake-vol", &t, Some(rwo())))
+                .await
+        ),
+        Code::NotFound
+    );
+    d.c.controller
+        .create_volume(create_req("pvc-ro", GIB, rwo()))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_publish_volume(pubreq("pvc-ro", "relative/path", Some(rwo())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
     let mut ro = pubreq("pvc-ro", &t, Some(rwo()));
     ro.readonly = true;
     d.c.node.node_publish_volume(ro.clone()).await.unwrap();
@@ -438,35 +838,75 @@ async fn node_publish_validation_and_read_only() {
     d.c.node.node_publish_volume(ro).await.unwrap();
     // mount_flags are applied.
     let mut flagged = pubreq("pvc-ro", &d.path("t2").to_string_lossy(), Some(rwo()));
-    if let Some(volume_capability::AccessType::Mount(m)) = &mut flagged.volume_capability.as_mut().unwrap().access_type {
+    if let Some(volume_capability::AccessType::Mount(m)) =
+        &mut flagged.volume_capability.as_mut().unwrap().access_type
+    {
         m.mount_flags = vec!["noexec".into()];
     }
     d.c.node.node_publish_volume(flagged).await.unwrap();
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = mi.lines().find(|l| l.contains(&*d.path("t2").to_string_lossy())).unwrap();
+    let line = mi
+        .lines()
+        .find(|l| l.contains(&*d.path("t2").to_string_lossy()))
+        .unwrap();
     assert!(line.contains("noexec"), "{line}");
     // Unpublish rules.
-    let un = |id: &str, target: &str| NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.into() };
-    assert_eq!(code(&d.c.node.node_unpublish_volume(un("", &t)).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_unpublish_volume(un("pvc-ro", "")).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_unpublish_volume(un("pvc-ro", &t)).await), Code::Ok);
-    assert_eq!(code(&d.c.node.node_unpublish_volume(un("pvc-ro", &d.path("t2").to_string_lossy())).await), Code::Ok);
-    assert_eq!(code(&d.c.node.node_unpublish_volume(un("never-published", &d.path("nothing").to_string_lossy())).await), Code::Ok);
+    let un = |id: &str, target: &str| NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.into(),
+    };
+    assert_eq!(
+        code(&d.c.node.node_unpublish_volume(un("", &t)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(&d.c.node.node_unpublish_volume(un("pvc-ro", "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(&d.c.node.node_unpublish_volume(un("pvc-ro", &t)).await),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_unpublish_volume(un("pvc-ro", &d.path("t2").to_string_lossy()))
+                .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_unpublish_volume(un("never-published", &d.path("nothing").to_string_lossy()))
+                .await
+        ),
+        Code::Ok
+    );
 }
 
 #[tokio::test]
 async fn single_writer_refuses_a_second_target() {
     let mut d = Driver::start().await;
     let cap = mount_cap(Mode::SingleNodeSingleWriter);
-    d.c.controller.create_volume(create_req("pvc-rwop", GIB, cap.clone())).await.unwrap();
+    d.c.controller
+        .create_volume(create_req("pvc-rwop", GIB, cap.clone()))
+        .await
+        .unwrap();
     let req = |t: &str| NodePublishVolumeRequest {
         volume_id: "pvc-rwop".into(),
         target_path: t.into(),
         volume_capability: Some(cap.clone()),
         ..Default::default()
     };
-    d.c.node.node_publish_volume(req(&d.path("a").to_string_lossy())).await.unwrap();
-    let r = d.c.node.node_publish_volume(req(&d.path("b").to_string_lossy())).await;
+    d.c.node
+        .node_publish_volume(req(&d.path("a").to_string_lossy()))
+        .await
+        .unwrap();
+    let r =
+        d.c.node
+            .node_publish_volume(req(&d.path("b").to_string_lossy()))
+            .await;
     assert_eq!(code(&r), Code::FailedPrecondition);
 }
 
@@ -480,28 +920,105 @@ async fn node_stage_and_expand_validation() {
         volume_capability: cap,
         ..Default::default()
     };
-    assert_eq!(code(&d.c.node.node_stage_volume(st("", &staging, Some(rwo()))).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_stage_volume(st("fake", "", Some(rwo()))).await), Code::InvalidArgument);
-    d.c.controller.create_volume(create_req("pvc-st", GIB, rwo())).await.unwrap();
-    assert_eq!(code(&d.c.node.node_stage_volume(st("pvc-st", &staging, None)).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_stage_volume(st("fake-vol", &staging, Some(rwo()))).await), Code::NotFound);
-    let unst = |id: &str, path: &str| NodeUnstageVolumeRequest { volume_id: id.into(), staging_target_path: path.into() };
-    assert_eq!(code(&d.c.node.node_unstage_volume(unst("", &staging)).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_unstage_volume(unst("fake", "")).await), Code::InvalidArgument);
-    let ex = |id: &str, path: &str| NodeExpandVolumeRequest { volume_id: id.into(), volume_path: path.into(), ..Default::default() };
-    assert_eq!(code(&d.c.node.node_expand_volume(ex("", &staging)).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_expand_volume(ex("pvc-st", "")).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_expand_volume(ex("fake-vol", "some/path")).await), Code::NotFound);
-    let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: path.into(), ..Default::default() };
-    assert_eq!(code(&d.c.node.node_get_volume_stats(stats("", "some/path")).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_get_volume_stats(stats("fake", "")).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.node.node_get_volume_stats(stats("fake-vol", "some/path")).await), Code::NotFound);
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_stage_volume(st("", &staging, Some(rwo())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_stage_volume(st("fake", "", Some(rwo())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    d.c.controller
+        .create_volume(create_req("pvc-st", GIB, rwo()))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_stage_volume(st("pvc-st", &staging, None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_stage_volume(st("fake-vol", &staging, Some(rwo())))
+                .await
+        ),
+        Code::NotFound
+    );
+    let unst = |id: &str, path: &str| NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path.into(),
+    };
+    assert_eq!(
+        code(&d.c.node.node_unstage_volume(unst("", &staging)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(&d.c.node.node_unstage_volume(unst("fake", "")).await),
+        Code::InvalidArgument
+    );
+    let ex = |id: &str, path: &str| NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&d.c.node.node_expand_volume(ex("", &staging)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(&d.c.node.node_expand_volume(ex("pvc-st", "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_expand_volume(ex("fake-vol", "some/path"))
+                .await
+        ),
+        Code::NotFound
+    );
+    let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&d.c.node.node_get_volume_stats(stats("", "some/path")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(&d.c.node.node_get_volume_stats(stats("fake", "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_get_volume_stats(stats("fake-vol", "some/path"))
+                .await
+        ),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
 async fn stats_report_abnormal_when_backing_directory_is_gone() {
     let mut d = Driver::start().await;
-    d.c.controller.create_volume(create_req("pvc-gone", GIB, rwo())).await.unwrap();
+    d.c.controller
+        .create_volume(create_req("pvc-gone", GIB, rwo()))
+        .await
+        .unwrap();
     let t = d.path("t");
     d.c.node
         .node_publish_volume(NodePublishVolumeRequest {
@@ -513,16 +1030,19 @@ async fn stats_report_abnormal_when_backing_directory_is_gone() {
         .await
         .unwrap();
     // The metadata stays; the directory vanishes under the mount.
-    std::fs::rename(d.pool().join("pvc-gone"), d.pool().join(".hostpath-csi/tmp/stolen")).unwrap();
-    let r = d
-        .c
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: "pvc-gone".into(),
-            volume_path: t.to_string_lossy().into(),
-            ..Default::default()
-        })
-        .await;
+    std::fs::rename(
+        d.pool().join("pvc-gone"),
+        d.pool().join(".hostpath-csi/tmp/stolen"),
+    )
+    .unwrap();
+    let r =
+        d.c.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: "pvc-gone".into(),
+                volume_path: t.to_string_lossy().into(),
+                ..Default::default()
+            })
+            .await;
     let cond = r.unwrap().into_inner().volume_condition.unwrap();
     assert!(cond.abnormal, "{cond:?}");
     assert!(cond.message.contains("missing"), "{}", cond.message);
@@ -534,7 +1054,12 @@ async fn go_driver_volume_is_listed_and_publishable() {
     // The Go driver makes a bare directory named after the PV.
     std::fs::create_dir(d.pool().join("pvc-legacy")).unwrap();
     std::fs::write(d.pool().join("pvc-legacy/disk.img"), b"vm disk").unwrap();
-    let list = d.c.controller.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    let list =
+        d.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
     let v = list.entries[0].volume.clone().unwrap();
     assert_eq!(v.volume_id, "pvc-legacy");
     assert_eq!(v.capacity_bytes, 0);
@@ -551,29 +1076,83 @@ async fn go_driver_volume_is_listed_and_publishable() {
         .unwrap();
     assert_eq!(std::fs::read(t.join("disk.img")).unwrap(), b"vm disk");
     // Re-creating it (the provisioner retrying) returns it unchanged.
-    let again = d.c.controller.create_volume(create_req("pvc-legacy", GIB, rwo())).await.unwrap().into_inner().volume.unwrap();
+    let again =
+        d.c.controller
+            .create_volume(create_req("pvc-legacy", GIB, rwo()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(again.volume_id, "pvc-legacy");
 }
 
 #[tokio::test]
 async fn snapshots_create_list_get_delete_restore() {
     let mut d = Driver::start().await;
-    d.c.controller.create_volume(exact("pvc-src", GIB)).await.unwrap();
+    d.c.controller
+        .create_volume(exact("pvc-src", GIB))
+        .await
+        .unwrap();
     std::fs::write(d.pool().join("pvc-src/data"), b"original").unwrap();
-    let snap = |name: &str, src: &str| CreateSnapshotRequest { name: name.into(), source_volume_id: src.into(), ..Default::default() };
-    assert_eq!(code(&d.c.controller.create_snapshot(snap("", "testId")).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.controller.create_snapshot(snap("name", "")).await), Code::InvalidArgument);
-    assert_eq!(code(&d.c.controller.create_snapshot(snap("snap-x", "missing-vol")).await), Code::NotFound);
-    let s1 = d.c.controller.create_snapshot(snap("snap-1", "pvc-src")).await.unwrap().into_inner().snapshot.unwrap();
+    let snap = |name: &str, src: &str| CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: src.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&d.c.controller.create_snapshot(snap("", "testId")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(&d.c.controller.create_snapshot(snap("name", "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            &d.c.controller
+                .create_snapshot(snap("snap-x", "missing-vol"))
+                .await
+        ),
+        Code::NotFound
+    );
+    let s1 =
+        d.c.controller
+            .create_snapshot(snap("snap-1", "pvc-src"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
     assert!(s1.ready_to_use && s1.creation_time.is_some());
     assert_eq!(s1.source_volume_id, "pvc-src");
     assert_eq!(s1.size_bytes, GIB);
-    let again = d.c.controller.create_snapshot(snap("snap-1", "pvc-src")).await.unwrap().into_inner().snapshot.unwrap();
+    let again =
+        d.c.controller
+            .create_snapshot(snap("snap-1", "pvc-src"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
     assert_eq!(again, s1);
-    d.c.controller.create_volume(exact("pvc-other", GIB)).await.unwrap();
-    assert_eq!(code(&d.c.controller.create_snapshot(snap("snap-1", "pvc-other")).await), Code::AlreadyExists);
+    d.c.controller
+        .create_volume(exact("pvc-other", GIB))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            &d.c.controller
+                .create_snapshot(snap("snap-1", "pvc-other"))
+                .await
+        ),
+        Code::AlreadyExists
+    );
     for i in 2..6 {
-        d.c.controller.create_snapshot(snap(&format!("snap-{i}"), "pvc-other")).await.unwrap();
+        d.c.controller
+            .create_snapshot(snap(&format!("snap-{i}"), "pvc-other"))
+            .await
+            .unwrap();
     }
     let list = |id: &str, src: &str, max: i32, token: &str| ListSnapshotsRequest {
         snapshot_id: id.into(),
@@ -582,59 +1161,205 @@ async fn snapshots_create_list_get_delete_restore() {
         starting_token: token.into(),
         ..Default::default()
     };
-    let all = d.c.controller.list_snapshots(list("", "", 0, "")).await.unwrap().into_inner();
+    let all =
+        d.c.controller
+            .list_snapshots(list("", "", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(all.entries.len(), 5);
-    let one = d.c.controller.list_snapshots(list("snap-3", "", 0, "")).await.unwrap().into_inner();
+    let one =
+        d.c.controller
+            .list_snapshots(list("snap-3", "", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(one.entries.len(), 1);
-    let none = d.c.controller.list_snapshots(list("none-exist-id", "", 0, "")).await.unwrap().into_inner();
+    let none =
+        d.c.controller
+            .list_snapshots(list("none-exist-id", "", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
     assert!(none.entries.is_empty());
-    let by_src = d.c.controller.list_snapshots(list("", "pvc-src", 0, "")).await.unwrap().into_inner();
+    let by_src =
+        d.c.controller
+            .list_snapshots(list("", "pvc-src", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(by_src.entries.len(), 1);
-    let p1 = d.c.controller.list_snapshots(list("", "", 2, "")).await.unwrap().into_inner();
+    let p1 =
+        d.c.controller
+            .list_snapshots(list("", "", 2, ""))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(p1.entries.len(), 2);
-    let p2 = d.c.controller.list_snapshots(list("", "", 0, &p1.next_token)).await.unwrap().into_inner();
+    let p2 =
+        d.c.controller
+            .list_snapshots(list("", "", 0, &p1.next_token))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(p2.entries.len(), 3);
-    assert_eq!(code(&d.c.controller.list_snapshots(list("", "", 0, "bogus")).await), Code::Aborted);
-    let got = d.c.controller.get_snapshot(GetSnapshotRequest { snapshot_id: "snap-1".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(
+        code(
+            &d.c.controller
+                .list_snapshots(list("", "", 0, "bogus"))
+                .await
+        ),
+        Code::Aborted
+    );
+    let got =
+        d.c.controller
+            .get_snapshot(GetSnapshotRequest {
+                snapshot_id: "snap-1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(got.snapshot.unwrap().snapshot_id, "snap-1");
-    assert_eq!(code(&d.c.controller.get_snapshot(GetSnapshotRequest { snapshot_id: "nope".into(), ..Default::default() }).await), Code::NotFound);
+    assert_eq!(
+        code(
+            &d.c.controller
+                .get_snapshot(GetSnapshotRequest {
+                    snapshot_id: "nope".into(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::NotFound
+    );
     // Restore, and the source can change or go away independently.
     std::fs::write(d.pool().join("pvc-src/data"), b"changed").unwrap();
     let mut restore = exact("pvc-restored", GIB);
-    restore.volume_content_source = Some(VolumeContentSource { r#type: Some(Src::Snapshot(SnapshotSource { snapshot_id: "snap-1".into() })) });
-    let v = d.c.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Snapshot(SnapshotSource {
+            snapshot_id: "snap-1".into(),
+        })),
+    });
+    let v =
+        d.c.controller
+            .create_volume(restore)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert!(v.content_source.is_some());
-    assert_eq!(std::fs::read(d.pool().join("pvc-restored/data")).unwrap(), b"original");
+    assert_eq!(
+        std::fs::read(d.pool().join("pvc-restored/data")).unwrap(),
+        b"original"
+    );
     let mut bad = exact("pvc-bad", GIB);
-    bad.volume_content_source = Some(VolumeContentSource { r#type: Some(Src::Snapshot(SnapshotSource { snapshot_id: "non-existing-snapshot-id".into() })) });
-    assert_eq!(code(&d.c.controller.create_volume(bad).await), Code::NotFound);
-    d.c.controller.delete_volume(DeleteVolumeRequest { volume_id: "pvc-src".into(), ..Default::default() }).await.unwrap();
-    assert_eq!(code(&d.c.controller.delete_snapshot(DeleteSnapshotRequest { snapshot_id: String::new(), ..Default::default() }).await), Code::InvalidArgument);
+    bad.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Snapshot(SnapshotSource {
+            snapshot_id: "non-existing-snapshot-id".into(),
+        })),
+    });
+    assert_eq!(
+        code(&d.c.controller.create_volume(bad).await),
+        Code::NotFound
+    );
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-src".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            &d.c.controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: String::new(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::InvalidArgument
+    );
     for _ in 0..2 {
-        assert_eq!(code(&d.c.controller.delete_snapshot(DeleteSnapshotRequest { snapshot_id: "snap-1".into(), ..Default::default() }).await), Code::Ok);
+        assert_eq!(
+            code(
+                &d.c.controller
+                    .delete_snapshot(DeleteSnapshotRequest {
+                        snapshot_id: "snap-1".into(),
+                        ..Default::default()
+                    })
+                    .await
+            ),
+            Code::Ok
+        );
     }
-    assert_eq!(code(&d.c.controller.delete_snapshot(DeleteSnapshotRequest { snapshot_id: "reallyfakesnapshotid".into(), ..Default::default() }).await), Code::Ok);
+    assert_eq!(
+        code(
+            &d.c.controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: "reallyfakesnapshotid".into(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::Ok
+    );
 }
 
 #[tokio::test]
 async fn clone_volume_copies_content() {
     let mut d = Driver::start().await;
-    d.c.controller.create_volume(exact("pvc-a", GIB)).await.unwrap();
+    d.c.controller
+        .create_volume(exact("pvc-a", GIB))
+        .await
+        .unwrap();
     std::fs::create_dir(d.pool().join("pvc-a/sub")).unwrap();
     std::fs::write(d.pool().join("pvc-a/sub/f"), b"payload").unwrap();
     let mut c = exact("pvc-b", 2 * GIB);
-    c.volume_content_source = Some(VolumeContentSource { r#type: Some(Src::Volume(VolumeSource { volume_id: "pvc-a".into() })) });
-    let v = d.c.controller.create_volume(c).await.unwrap().into_inner().volume.unwrap();
+    c.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Volume(VolumeSource {
+            volume_id: "pvc-a".into(),
+        })),
+    });
+    let v =
+        d.c.controller
+            .create_volume(c)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
     assert_eq!(v.capacity_bytes, 2 * GIB);
-    assert_eq!(std::fs::read(d.pool().join("pvc-b/sub/f")).unwrap(), b"payload");
+    assert_eq!(
+        std::fs::read(d.pool().join("pvc-b/sub/f")).unwrap(),
+        b"payload"
+    );
     let mut missing = exact("pvc-c", GIB);
-    missing.volume_content_source = Some(VolumeContentSource { r#type: Some(Src::Volume(VolumeSource { volume_id: "fake-vol-id-12345".into() })) });
-    assert_eq!(code(&d.c.controller.create_volume(missing).await), Code::NotFound);
+    missing.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Volume(VolumeSource {
+            volume_id: "fake-vol-id-12345".into(),
+        })),
+    });
+    assert_eq!(
+        code(&d.c.controller.create_volume(missing).await),
+        Code::NotFound
+    );
     let mut smaller = exact("pvc-d", GIB / 2);
-    smaller.volume_content_source = Some(VolumeContentSource { r#type: Some(Src::Volume(VolumeSource { volume_id: "pvc-a".into() })) });
-    assert_eq!(code(&d.c.controller.create_volume(smaller).await), Code::OutOfRange);
+    smaller.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Volume(VolumeSource {
+            volume_id: "pvc-a".into(),
+        })),
+    });
+    assert_eq!(
+        code(&d.c.controller.create_volume(smaller).await),
+        Code::OutOfRange
+    );
     assert!(!d.pool().join("pvc-c").exists() && !d.pool().join("pvc-d").exists());
-    assert!(std::fs::read_dir(d.pool().join(".hostpath-csi/tmp")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(d.pool().join(".hostpath-csi/tmp"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[tokio::test]
@@ -643,7 +1368,9 @@ async fn concurrent_creates_of_one_name_make_one_volume() {
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let mut c = d.c.controller.clone();
-        tasks.push(tokio::spawn(async move { c.create_volume(create_req("pvc-race", GIB, rwo())).await }));
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(create_req("pvc-race", GIB, rwo())).await
+        }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -656,7 +1383,11 @@ async fn concurrent_creates_of_one_name_make_one_volume() {
         }
     }
     assert!(ok >= 1);
-    let entries: Vec<_> = std::fs::read_dir(d.pool()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let entries: Vec<_> = std::fs::read_dir(d.pool())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(entries.len(), 2, "{entries:?}"); // pvc-race and .hostpath-csi
 }
 

@@ -103,10 +103,44 @@ pub struct PvcTemplate {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Resources {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "quantities"
+    )]
     pub requests: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "quantities"
+    )]
     pub limits: BTreeMap<String, String>,
+}
+
+/// A Kubernetes quantity is int-or-string: `storage: 5Gi` or `storage: 1073741824`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(u64),
+    Float(f64),
+    Str(String),
+}
+
+fn quantities<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, IntOrString>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                IntOrString::Int(i) => i.to_string(),
+                IntOrString::Float(f) => f.to_string(),
+                IntOrString::Str(s) => s,
+            };
+            (k, text)
+        })
+        .collect())
 }
 
 impl PvcTemplate {
@@ -148,6 +182,14 @@ impl HostPathProvisioner {
             );
         }
         let spec = &self.spec;
+        if let Some(policy) = &spec.image_pull_policy {
+            if !matches!(policy.as_str(), "Always" | "IfNotPresent" | "Never") {
+                return Err(ConfigError::new(
+                    "spec.imagePullPolicy",
+                    format!("{policy:?} is not Always, IfNotPresent or Never"),
+                ));
+            }
+        }
         match (&spec.path_config, spec.storage_pools.is_empty()) {
             (Some(_), false) => {
                 return Err(ConfigError::new(

@@ -216,6 +216,16 @@ impl Controller for CsiService {
                     )));
                 }
             }
+            // An image volume holds one filesystem; it cannot be mounted as another.
+            let asked_fs = mount_fs_type(&req.volume_capabilities);
+            if let (Some(have), Some(asked)) = (&volume.meta.fs_type, &asked_fs) {
+                if have != asked {
+                    return Ok(unsupported(format!(
+                        "volume {} holds {have}, not {asked}",
+                        volume.meta.id
+                    )));
+                }
+            }
             match check_capabilities(&req.volume_capabilities, pool.shared) {
                 Ok(mode) if mode == volume.meta.mode => Ok(ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(validate_volume_capabilities_response::Confirmed {

@@ -5,6 +5,7 @@
 mod names;
 mod node;
 mod pools;
+mod yaml11;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -56,7 +57,9 @@ pub enum RenderError {
     Config(#[from] ConfigError),
     #[error("{flag}: {message}")]
     Option { flag: String, message: String },
-    #[error("{kind} {name:?} would be rendered twice (from {first} and {second}); rename one of them")]
+    #[error(
+        "{kind} {name:?} would be rendered twice (from {first} and {second}); rename one of them"
+    )]
     NameClash {
         kind: String,
         name: String,
@@ -65,6 +68,8 @@ pub enum RenderError {
     },
     #[error("cannot write YAML: {0}")]
     Yaml(#[from] serde_norway::Error),
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// The rendered objects, and warnings for the user.
@@ -93,7 +98,7 @@ fn pools(cr: &HostPathProvisioner) -> Vec<Pool<'_>> {
         return vec![Pool {
             at: "spec.pathConfig".into(),
             name: LEGACY_POOL.into(),
-            host_path: pc.path.clone(),
+            host_path: host_path(&pc.path),
             csi_path: csi_path(&pc.path),
             shared: false,
             snapshot_provider: None,
@@ -107,7 +112,7 @@ fn pools(cr: &HostPathProvisioner) -> Vec<Pool<'_>> {
         .map(|(i, p)| Pool {
             at: format!("spec.storagePools[{i}]"),
             name: p.name.clone(),
-            host_path: p.path.clone(),
+            host_path: host_path(&p.path),
             csi_path: csi_path(&p.path),
             shared: p.pvc_template.as_ref().is_some_and(PvcTemplate::is_shared),
             snapshot_provider: p.snapshot_provider.clone(),
@@ -116,8 +121,13 @@ fn pools(cr: &HostPathProvisioner) -> Vec<Pool<'_>> {
         .collect()
 }
 
+/// Validation rules out `/`, so trimming never empties the path.
+fn host_path(path: &str) -> String {
+    path.trim_end_matches('/').to_owned()
+}
+
 fn csi_path(path: &str) -> String {
-    PathBuf::from(path.trim_end_matches('/'))
+    PathBuf::from(host_path(path))
         .join(CSI_SUBDIR)
         .to_string_lossy()
         .into_owned()
@@ -209,7 +219,7 @@ fn check_unique(documents: &[Value]) -> Result<(), RenderError> {
         );
         if !seen.insert(key.clone()) {
             let from = |d: &Value| {
-                d["metadata"]["annotations"][pools::SOURCE_ANNOTATION]
+                d["metadata"]["annotations"][pools::POOL_ANNOTATION]
                     .as_str()
                     .unwrap_or("?")
                     .to_owned()
@@ -240,14 +250,26 @@ pub fn to_yaml(documents: &[Value]) -> Result<String, RenderError> {
         "# Rendered by `hostpath-csi render` from a HostPathProvisioner CR. Do not edit by hand.\n",
     );
     for doc in documents {
+        let yaml = yaml11::quote_for_yaml11(doc, serde_norway::to_string(doc)?);
+        // The quoting must not change what the document says.
+        let back: Value = serde_norway::from_str(&yaml)?;
+        if back != *doc {
+            return Err(RenderError::Internal(format!(
+                "YAML for {} {} does not read back the same",
+                doc["kind"], doc["metadata"]["name"]
+            )));
+        }
         out.push_str("---\n");
-        out.push_str(&serde_norway::to_string(doc)?);
+        out.push_str(&yaml);
     }
     Ok(out)
 }
 
 /// Parses, validates and renders a CR given as YAML text.
-pub fn render_yaml(cr_yaml: &str, opts: &RenderOptions) -> Result<(String, Vec<String>), RenderError> {
+pub fn render_yaml(
+    cr_yaml: &str,
+    opts: &RenderOptions,
+) -> Result<(String, Vec<String>), RenderError> {
     let (cr, _) = HostPathProvisioner::from_yaml(cr_yaml)?;
     let rendered = render(&cr, opts)?;
     Ok((to_yaml(&rendered.documents)?, rendered.warnings))

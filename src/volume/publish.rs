@@ -77,6 +77,17 @@ fn dir_identity(path: &Path, mounts: &[MountInfo]) -> Option<(u32, u32, PathBuf)
     Some((major, minor, best.root.join(rel)))
 }
 
+/// The loop device number whose node is bind-mounted by `m` (a published
+/// Block volume), whether or not the device is still attached.
+fn bound_loop(m: &MountInfo) -> Option<u32> {
+    if !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") || m.root == Path::new("/") {
+        return None;
+    }
+    let st = fs::symlink_metadata(&m.mount_point).ok()?;
+    (st.file_type().is_block_device() && nix::sys::stat::major(st.rdev()) as u32 == LOOP_MAJOR)
+        .then(|| nix::sys::stat::minor(st.rdev()) as u32)
+}
+
 fn check_access_type(volume: &Volume, mode: VolumeMode) -> CoreResult<()> {
     if volume.meta.mode != mode {
         return Err(CoreError::InvalidArgument(format!(
@@ -109,29 +120,24 @@ impl Core {
                 }
             }
             Layout::Image => {
-                if let Some(dev) = block::find_attached_device(&volume.path)? {
-                    out.extend(
-                        mounts
-                            .iter()
-                            .filter(|m| m.major == LOOP_MAJOR && m.minor == dev.number)
-                            .map(|m| m.mount_point.clone()),
-                    );
-                }
+                let devs = block::find_attached_devices(&volume.path)?;
+                out.extend(
+                    mounts
+                        .iter()
+                        .filter(|m| {
+                            m.major == LOOP_MAJOR && devs.iter().any(|d| d.number == m.minor)
+                        })
+                        .map(|m| m.mount_point.clone()),
+                );
             }
             Layout::File => {
-                if let Some(dev) = block::find_attached_device(&volume.path)? {
-                    let rdev = dev.rdev();
+                let devs = block::find_attached_devices(&volume.path)?;
+                if !devs.is_empty() {
                     out.extend(
                         mounts
                             .iter()
                             .filter(|m| {
-                                matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")
-                                    && m.root != Path::new("/")
-                            })
-                            .filter(|m| {
-                                fs::symlink_metadata(&m.mount_point).is_ok_and(|st| {
-                                    st.file_type().is_block_device() && st.rdev() == rdev
-                                })
+                                bound_loop(m).is_some_and(|n| devs.iter().any(|d| d.number == n))
                             })
                             .map(|m| m.mount_point.clone()),
                     );
@@ -142,8 +148,14 @@ impl Core {
     }
 
     /// The loop device for a file volume, attaching one if none exists.
+    /// Read-only and read-write users get separate devices: a read-only bind
+    /// mount of a device node does not stop writes to the device. A device
+    /// with a deferred detach pending is never reused.
     fn ensure_attached(&self, volume: &Volume, read_only: bool) -> CoreResult<LoopDevice> {
-        if let Some(dev) = block::find_attached_device(&volume.path)? {
+        if let Some(dev) = block::find_attached_devices(&volume.path)?
+            .into_iter()
+            .find(|d| d.read_only == read_only && !d.autoclear)
+        {
             return Ok(dev);
         }
         block::attach(
@@ -156,9 +168,9 @@ impl Core {
         )
     }
 
-    /// Detaches the volume's loop device when no mount uses it any more.
+    /// Detaches the volume's loop devices that no mount uses any more.
     fn release_if_unused(&self, volume_path: &Path) -> CoreResult<()> {
-        if let Some(dev) = block::find_attached_device(volume_path)? {
+        for dev in block::find_attached_devices(volume_path)? {
             if !block::is_in_use(&dev)? {
                 block::detach(&dev)?;
             }
@@ -183,8 +195,7 @@ impl Core {
         let flags = mount::parse_mount_flags(mount_flags)?;
         let _guard = LOOP_LOCK.lock().unwrap();
         if let Some(m) = mount::mount_at(staging)? {
-            let dev = block::find_attached_device(&volume.path)?;
-            if dev.is_some_and(|d| m.major == LOOP_MAJOR && m.minor == d.number) {
+            if self.is_mount_of(&volume, &m, Some(staging))? {
                 return Ok(());
             }
             return Err(CoreError::AlreadyExists(format!(
@@ -196,16 +207,38 @@ impl Core {
         let dev = self.ensure_attached(&volume, false)?;
         let fs_type = volume.meta.fs_type.clone().unwrap_or_else(|| "xfs".into());
         let data = if fs_type == "xfs" { "nouuid" } else { "" };
+        // An expansion made while unstaged is applied now: ext4 offline before
+        // mounting (no CAP_SYS_RESOURCE needed), XFS once mounted (it can
+        // only grow online).
+        let grow = (|| {
+            let device = block::device_size(&dev.path)?;
+            Ok::<_, CoreError>(
+                xfs::filesystem_size(&dev.path, &fs_type)?.is_some_and(|fs| fs < device),
+            )
+        })();
+        let grow = match grow {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = self.release_if_unused(&volume.path);
+                return Err(e);
+            }
+        };
+        if grow && fs_type != "xfs" {
+            if let Err(e) = xfs::grow_unmounted(&fs_type, &dev.path) {
+                let _ = self.release_if_unused(&volume.path);
+                return Err(e);
+            }
+        }
         if let Err(e) = mount::mount_device(&dev.path, staging, &fs_type, flags, data) {
             let _ = self.release_if_unused(&volume.path);
             return Err(e);
         }
-        // An expansion made while unstaged is applied now.
-        let fs_size = nix::sys::statvfs::statvfs(staging)
-            .map(|s| s.blocks() * s.fragment_size())
-            .unwrap_or(0);
-        if fs_size + (64 << 20) < block::device_size(&dev.path).unwrap_or(0) {
-            xfs::grow_filesystem(&fs_type, &dev.path, staging)?;
+        if grow && fs_type == "xfs" {
+            if let Err(e) = xfs::grow_filesystem(&fs_type, &dev.path, staging) {
+                let _ = mount::unmount_all(staging);
+                let _ = self.release_if_unused(&volume.path);
+                return Err(e);
+            }
         }
         tracing::info!(volume = id, staging = %staging.display(), device = %dev.path.display(), "image volume staged");
         Ok(())
@@ -252,12 +285,15 @@ impl Core {
             }
             Layout::Image => {
                 let _ = staging;
-                block::find_attached_device(&volume.path)?
-                    .is_some_and(|d| m.major == LOOP_MAJOR && m.minor == d.number)
+                m.major == LOOP_MAJOR
+                    && block::find_attached_devices(&volume.path)?
+                        .iter()
+                        .any(|d| m.minor == d.number)
             }
-            Layout::File => match block::find_attached_device(&volume.path)? {
-                Some(d) => fs::symlink_metadata(&m.mount_point)
-                    .is_ok_and(|st| st.file_type().is_block_device() && st.rdev() == d.rdev()),
+            Layout::File => match bound_loop(m) {
+                Some(n) => block::find_attached_devices(&volume.path)?
+                    .iter()
+                    .any(|d| d.number == n),
                 None => false,
             },
         })
@@ -430,14 +466,25 @@ impl Core {
         if !path.is_absolute() || fs::symlink_metadata(path).is_err() {
             return Err(not_here());
         }
-        let published = self.publications(&volume)?;
-        if !published.iter().any(|p| p == path) {
-            return Err(not_here());
-        }
         let mut stats = NodeStats {
             problem: self.volume_problem(&volume),
             ..Default::default()
         };
+        let published = self.publications(&volume)?;
+        if !published.iter().any(|p| p == path) {
+            // A Block target whose loop device was lost is still this
+            // volume's publication, and abnormal.
+            let lost = match volume.meta.layout {
+                Layout::File => self.lost_device_at(&volume, path)?,
+                _ => None,
+            };
+            let Some(problem) = lost else {
+                return Err(not_here());
+            };
+            stats.total_bytes = volume.meta.capacity_bytes;
+            stats.problem = stats.problem.or(Some(problem));
+            return Ok(stats);
+        }
         match volume.meta.layout {
             Layout::Directory => {
                 let usage = self
@@ -469,11 +516,14 @@ impl Core {
                 stats.inodes = Some((st.files(), st.files() - st.files_free(), st.files_free()));
             }
             Layout::File => {
-                stats.total_bytes = volume.meta.capacity_bytes;
+                // The device's size: after ControllerExpandVolume and before
+                // NodeExpandVolume it is still the old one.
+                stats.total_bytes = mount::mount_at(path)?
+                    .as_ref()
+                    .and_then(bound_loop)
+                    .and_then(|n| block::device_size(Path::new(&format!("/dev/loop{n}"))).ok())
+                    .unwrap_or(volume.meta.capacity_bytes);
             }
-        }
-        if stats.problem.is_none() && volume.meta.layout.is_file() {
-            stats.problem = self.loop_problem(&volume)?;
         }
         Ok(stats)
     }
@@ -494,25 +544,41 @@ impl Core {
                 });
             }
         }
-        Err(CoreError::NotFound(format!("volume {id} does not exist on node {}", self.node_id)))
+        Err(CoreError::NotFound(format!(
+            "volume {id} does not exist on node {}",
+            self.node_id
+        )))
     }
 
-    /// Abnormal when a published file volume lost its loop device.
-    fn loop_problem(&self, volume: &Volume) -> CoreResult<Option<String>> {
-        let st =
-            fs::metadata(&volume.path).context(|| format!("stat {}", volume.path.display()))?;
-        match block::find_attached_device(&volume.path)? {
-            Some(d) if block::backs_inode(d.number, st.dev(), st.ino()) => Ok(None),
-            Some(d) => Ok(Some(format!(
-                "{} no longer backs {}",
-                d.path.display(),
+    /// Why the Block target at `path` no longer reaches the volume: its loop
+    /// device was detached or now backs another file. `None` when `path` is
+    /// no loop device node, or is another volume's publication.
+    fn lost_device_at(&self, volume: &Volume, path: &Path) -> CoreResult<Option<String>> {
+        let Some(n) = mount::mount_at(path)?.as_ref().and_then(bound_loop) else {
+            return Ok(None);
+        };
+        Ok(match block::attached(n) {
+            None => Some(format!(
+                "/dev/loop{n} published at {} is no longer attached; no loop device backs {}",
+                path.display(),
                 volume.path.display()
-            ))),
-            None => Ok(Some(format!(
-                "no loop device backs {}",
+            )),
+            Some(d)
+                if d.backing_file != volume.path
+                    && self
+                        .pools()
+                        .iter()
+                        .any(|p| d.backing_file.parent() == Some(p.root.as_path())) =>
+            {
+                None
+            }
+            Some(d) => Some(format!(
+                "/dev/loop{n} published at {} now backs {}, not {}",
+                path.display(),
+                d.backing_file.display(),
                 volume.path.display()
-            ))),
-        }
+            )),
+        })
     }
 
     /// Makes the node see a grown volume; returns the size now in effect.
@@ -532,22 +598,33 @@ impl Core {
             return Ok(volume.meta.capacity_bytes);
         }
         let _guard = LOOP_LOCK.lock().unwrap();
-        let Some(dev) = block::find_attached_device(&volume.path)? else {
+        let devs = block::find_attached_devices(&volume.path)?;
+        let Some(dev) = devs.first().cloned() else {
             return Err(CoreError::FailedPrecondition(format!(
                 "volume {id} is not attached on this node"
             )));
         };
-        block::refresh_capacity(&dev)?;
+        // Every user of the file (read-only and read-write devices) grows.
+        for d in &devs {
+            block::refresh_capacity(d)?;
+        }
         if volume.meta.layout == Layout::Image {
             let fs_type = volume.meta.fs_type.clone().unwrap_or_else(|| "xfs".into());
             let mount_point = mount::mounts()?
                 .into_iter()
-                .find(|m| m.major == LOOP_MAJOR && m.minor == dev.number)
+                .find(|m| m.major == LOOP_MAJOR && devs.iter().any(|d| d.number == m.minor))
                 .map(|m| m.mount_point)
                 .ok_or_else(|| {
                     CoreError::FailedPrecondition(format!("image volume {id} is not mounted"))
                 })?;
-            xfs::grow_filesystem(&fs_type, &dev.path, &mount_point)?;
+            // XFS keeps its superblock in its own cache, so always ask it
+            // (a no-op when grown); ext4's on the device is current.
+            let grown = fs_type != "xfs"
+                && xfs::filesystem_size(&dev.path, &fs_type)?
+                    .is_some_and(|fs| fs >= block::device_size(&dev.path).unwrap_or(0));
+            if !grown {
+                xfs::grow_filesystem(&fs_type, &dev.path, &mount_point)?;
+            }
         }
         let size = block::device_size(&dev.path)?;
         tracing::info!(volume = id, device = %dev.path.display(), size, "volume expanded on node");

@@ -62,7 +62,10 @@ pub fn create_req(name: &str, required: i64, cap: VolumeCapability) -> CreateVol
 }
 
 pub fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Unmounts everything below `root` (deepest first) and detaches loop
@@ -118,19 +121,32 @@ pub struct LoopFs {
 
 impl LoopFs {
     pub fn new(fs_type: &str, size_mib: u64) -> LoopFs {
-        let dir = tempfile::Builder::new().prefix("hpc-fs-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hpc-fs-")
+            .tempdir()
+            .unwrap();
         let image = dir.path().join("fs.img");
         let f = std::fs::File::create(&image).unwrap();
         f.set_len(size_mib << 20).unwrap();
         drop(f);
         let ok = match fs_type {
-            "xfs" => Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image).status(),
-            _ => Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).status(),
+            "xfs" => Command::new("mkfs.xfs")
+                .args(["-q", "-m", "reflink=1"])
+                .arg(&image)
+                .status(),
+            _ => Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&image)
+                .status(),
         }
         .expect("run mkfs")
         .success();
         assert!(ok, "mkfs.{fs_type} failed");
-        let out = Command::new("losetup").args(["--find", "--show"]).arg(&image).output().unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "losetup failed");
         let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         let mount_point = dir.path().join("mnt");
@@ -140,7 +156,14 @@ impl LoopFs {
             mount_point: mount_point.clone(),
             device: device.clone(),
         };
-        let ok = Command::new("mount").arg("-t").arg(fs_type).arg(&device).arg(&mount_point).status().unwrap().success();
+        let ok = Command::new("mount")
+            .arg("-t")
+            .arg(fs_type)
+            .arg(&device)
+            .arg(&mount_point)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "mount failed");
         fs
     }
@@ -167,11 +190,16 @@ pub struct Driver {
 impl Driver {
     /// Starts the driver with one pool per entry (`None` = a dir under the temp dir).
     pub async fn start_with(pools: &[(&str, Option<PathBuf>)]) -> Driver {
-        let dir = tempfile::Builder::new().prefix("hpc-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hpc-test-")
+            .tempdir()
+            .unwrap();
         let mut entries = Vec::new();
         let mut pool_paths = Vec::new();
         for (name, path) in pools {
-            let p = path.clone().unwrap_or_else(|| dir.path().join(format!("pool-{name}")));
+            let p = path
+                .clone()
+                .unwrap_or_else(|| dir.path().join(format!("pool-{name}")));
             entries.push(serde_json::json!({"name": name, "path": p}));
             pool_paths.push(p);
         }
@@ -183,6 +211,32 @@ impl Driver {
             dir,
             socket,
             pools_json,
+            pool_paths,
+            child: Some(child),
+            c,
+        }
+    }
+
+    /// Starts the driver with a raw `--datadir` JSON (e.g. with `snapshotPath`).
+    pub async fn start_with_datadir(pools_json: &str) -> Driver {
+        let dir = tempfile::Builder::new()
+            .prefix("hpc-test-")
+            .tempdir()
+            .unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(pools_json).unwrap();
+        let pool_paths = parsed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| PathBuf::from(p["path"].as_str().unwrap()))
+            .collect();
+        let socket = dir.path().join("csi.sock");
+        let child = spawn(&socket, pools_json, dir.path());
+        let c = wait_connect(&socket).await;
+        Driver {
+            dir,
+            socket,
+            pools_json: pools_json.to_owned(),
             pool_paths,
             child: Some(child),
             c,
@@ -266,7 +320,11 @@ async fn wait_connect(socket: &Path) -> Clients {
                 return c;
             }
         }
-        assert!(Instant::now() < deadline, "driver did not start listening on {}", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "driver did not start listening on {}",
+            socket.display()
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -1,0 +1,1362 @@
+//! Block volumes on loop devices, size-limited image volumes, expansion,
+//! preallocation and restart, against real loop devices and real XFS/ext4
+//! (run as root). Pools live on the host /tmp (ext4) and on a loop-mounted
+//! XFS filesystem.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hostpath_csi::proto::volume_capability::access_mode::Mode;
+use hostpath_csi::proto::volume_capability::AccessType;
+use hostpath_csi::proto::*;
+use tonic::Code;
+
+// ---------------------------------------------------------------- helpers
+
+/// A zeroed buffer aligned for O_DIRECT.
+struct Aligned {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let raw = vec![0u8; len + 4096];
+        let off = raw.as_ptr().align_offset(4096);
+        Aligned { raw, off, len }
+    }
+
+    fn from(data: &[u8]) -> Aligned {
+        let mut a = Aligned::new(data.len());
+        a.as_mut().copy_from_slice(data);
+        a
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        &self.raw[self.off..self.off + self.len]
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.len]
+    }
+}
+
+/// Bytes that differ at every offset and between seeds.
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(seed as u32 % 31) as u8
+                ^ seed
+        })
+        .collect()
+}
+
+fn open_direct(path: &Path, write: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+fn dio_write(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let f = open_direct(path, true)?;
+    f.write_all_at(Aligned::from(data).as_ref(), offset)?;
+    f.sync_all()
+}
+
+fn dio_read(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = open_direct(path, false).unwrap();
+    let mut buf = Aligned::new(len);
+    f.read_exact_at(buf.as_mut(), offset).unwrap();
+    buf.as_ref().to_vec()
+}
+
+/// Plain (page cache) read of the backing file.
+fn file_read(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+fn size_of(path: &Path) -> u64 {
+    File::open(path).unwrap().seek(SeekFrom::End(0)).unwrap()
+}
+
+/// Loop device number behind a published block target.
+fn loop_of(target: &Path) -> u32 {
+    let st = std::fs::metadata(target).unwrap();
+    assert!(
+        st.file_type().is_block_device(),
+        "{} is not a block device",
+        target.display()
+    );
+    assert_eq!(nix::sys::stat::major(st.rdev()), 7, "not a loop device");
+    nix::sys::stat::minor(st.rdev()) as u32
+}
+
+fn sysfs(n: u32, file: &str) -> String {
+    std::fs::read_to_string(format!("/sys/block/loop{n}/{file}"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Loop devices below `root` once at most `keep` remain, waiting briefly: a
+/// detach is deferred while anything still has the device open.
+async fn settled_loops_but(root: &Path, keep: usize) -> Vec<PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let l = loops_under(root);
+        if l.len() <= keep || Instant::now() > deadline {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn settled_loops(root: &Path) -> Vec<PathBuf> {
+    settled_loops_but(root, 0).await
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn block_cap_rw() -> VolumeCapability {
+    block_cap(Mode::SingleNodeWriter)
+}
+
+fn block_create(name: &str, size: i64, p: &[(&str, &str)]) -> CreateVolumeRequest {
+    let mut r = create_req(name, size, block_cap_rw());
+    r.parameters = params(p);
+    r
+}
+
+fn image_create(name: &str, size: i64, fs_type: &str) -> CreateVolumeRequest {
+    let mut r = create_req(name, size, mount_cap_fs(fs_type));
+    r.parameters = params(&[("layout", "image")]);
+    r
+}
+
+fn publish_req(
+    id: &str,
+    target: &Path,
+    cap: VolumeCapability,
+    readonly: bool,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s(target),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s(target),
+    }
+}
+
+fn delete_req(id: &str) -> DeleteVolumeRequest {
+    DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn stats_req(id: &str, path: &Path) -> NodeGetVolumeStatsRequest {
+    NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: s(path),
+        ..Default::default()
+    }
+}
+
+fn expand_req(id: &str, size: i64, cap: VolumeCapability) -> ControllerExpandVolumeRequest {
+    ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+fn node_expand_req(id: &str, path: &Path, size: i64) -> NodeExpandVolumeRequest {
+    NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: s(path),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create(d: &mut Driver, req: CreateVolumeRequest) -> Volume {
+    d.c.controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+}
+
+async fn publish_block(d: &mut Driver, id: &str, target: &Path, readonly: bool) {
+    d.c.node
+        .node_publish_volume(publish_req(id, target, block_cap_rw(), readonly))
+        .await
+        .unwrap();
+}
+
+async fn unpublish(d: &mut Driver, id: &str, target: &Path) {
+    d.c.node
+        .node_unpublish_volume(unpublish_req(id, target))
+        .await
+        .unwrap();
+}
+
+/// Stages and publishes an image volume.
+async fn stage_and_publish(
+    d: &mut Driver,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: VolumeCapability,
+) {
+    d.c.node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: s(staging),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut p = publish_req(id, target, cap, false);
+    p.staging_target_path = s(staging);
+    d.c.node.node_publish_volume(p).await.unwrap();
+}
+
+async fn unpublish_and_unstage(d: &mut Driver, id: &str, staging: &Path, target: &Path) {
+    unpublish(d, id, target).await;
+    d.c.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: s(staging),
+        })
+        .await
+        .unwrap();
+}
+
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap();
+    u64::from_str_radix(eff.trim(), 16).unwrap() >> 24 & 1 == 1
+}
+
+fn statvfs_total(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks() * st.fragment_size()
+}
+
+/// Runs `body` against a pool on the host filesystem and one on XFS.
+macro_rules! on_both_pools {
+    ($body:ident) => {{
+        {
+            let d = Driver::start().await;
+            $body(d).await;
+        }
+        {
+            let xfs = LoopFs::new("xfs", 1536);
+            let d = Driver::start_with(&[("xfs", Some(xfs.mount_point.join("pool")))]).await;
+            assert_eq!(
+                hostpath_csi::mount::fs_type_of(d.pool()).as_deref(),
+                Some("xfs")
+            );
+            $body(d).await;
+        }
+    }};
+}
+
+// ---------------------------------------------------------------- tests
+
+async fn block_round_trip(mut d: Driver) {
+    let v = create(&mut d, block_create("pvc-disk", 64 * MIB, &[])).await;
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    let file = d.pool().join("pvc-disk");
+    assert!(std::fs::metadata(&file).unwrap().is_file());
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 64 << 20);
+    let target = d.path("pods/disk/dev");
+    publish_block(&mut d, "pvc-disk", &target, false).await;
+    publish_block(&mut d, "pvc-disk", &target, false).await;
+    assert_eq!(
+        mounts_under(&target).len(),
+        1,
+        "repeated publish must not stack mounts"
+    );
+    let n = loop_of(&target);
+    assert_eq!(sysfs(n, "loop/backing_file"), s(&file));
+    assert_eq!(sysfs(n, "loop/dio"), "1", "direct I/O must be on");
+    assert_eq!(sysfs(n, "queue/logical_block_size"), "512");
+    assert_eq!(sysfs(n, "ro"), "0");
+    assert_eq!(size_of(&target), 64 << 20);
+    let data = pattern(7, 1 << 20);
+    dio_write(&target, 3 << 20, &data).unwrap();
+    assert_eq!(file_read(&file, 3 << 20, data.len()), data);
+    assert_eq!(dio_read(&target, 3 << 20, data.len()), data);
+    // A write past the end fails; the device is exactly the volume.
+    assert!(dio_write(&target, 64 << 20, &data[..4096]).is_err());
+    for _ in 0..2 {
+        unpublish(&mut d, "pvc-disk", &target).await;
+    }
+    assert!(!target.exists(), "unpublish removes the target file");
+    assert!(
+        settled_loops(d.pool()).await.is_empty(),
+        "loop device left attached"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists()
+            || sysfs(n, "loop/backing_file") != s(&file)
+    );
+    assert_eq!(
+        file_read(&file, 3 << 20, data.len()),
+        data,
+        "data survives unpublish"
+    );
+    // blockSize: 4096 gives 4 KiB logical sectors.
+    create(
+        &mut d,
+        block_create("pvc-4k", 16 * MIB, &[("blockSize", "4096")]),
+    )
+    .await;
+    // Kubelet's flow for Block: stage (a no-op here), publish with the
+    // staging path, unpublish, unstage.
+    let (st4, t4) = (d.path("staging/4k"), d.path("pods/4k/dev"));
+    std::fs::create_dir_all(&st4).unwrap();
+    stage_and_publish(&mut d, "pvc-4k", &st4, &t4, block_cap_rw()).await;
+    assert!(mounts_under(&st4).is_empty());
+    assert_eq!(sysfs(loop_of(&t4), "queue/logical_block_size"), "4096");
+    unpublish_and_unstage(&mut d, "pvc-4k", &st4, &t4).await;
+    for id in ["pvc-disk", "pvc-4k"] {
+        d.c.controller.delete_volume(delete_req(id)).await.unwrap();
+    }
+    assert!(!file.exists());
+    assert!(mounts_under(d.dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn block_round_trip_through_the_device() {
+    on_both_pools!(block_round_trip);
+}
+
+/// Fills an image volume to ENOSPC; returns the bytes written.
+fn fill(dir: &Path) -> u64 {
+    let chunk = pattern(3, 1 << 20);
+    let mut f = File::create(dir.join("fill")).unwrap();
+    let mut written = 0u64;
+    loop {
+        use std::io::Write;
+        match f.write(&chunk) {
+            Ok(0) => panic!("write returned 0"),
+            Ok(n) => written += n as u64,
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                break;
+            }
+        }
+        assert!(written < 4 << 30, "no size limit");
+    }
+    match f.sync_all() {
+        Ok(()) => {}
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}"),
+    }
+    written
+}
+
+async fn image_round_trip(mut d: Driver, fs_type: &str, asked: i64, expected: i64) {
+    let id = format!("pvc-img-{fs_type}");
+    let cap = mount_cap_fs(fs_type);
+    let v = create(&mut d, image_create(&id, asked, fs_type)).await;
+    assert_eq!(
+        v.capacity_bytes, expected,
+        "capacity is what was really given"
+    );
+    let file = d.pool().join(&id);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), expected as u64);
+    let (staging, target) = (d.path("staging/img"), d.path("pods/img"));
+    stage_and_publish(&mut d, &id, &staging, &target, cap.clone()).await;
+    let mi = mounts_under(&target);
+    assert_eq!(mi.len(), 1);
+    assert_eq!(
+        hostpath_csi::mount::fs_type_of(&target).as_deref(),
+        Some(fs_type)
+    );
+    std::fs::write(target.join("hello"), b"in the image").unwrap();
+    let written = fill(&target);
+    assert!(written > expected as u64 / 2, "wrote only {written} bytes");
+    assert!(
+        written <= expected as u64,
+        "wrote {written} bytes into a {expected}-byte volume"
+    );
+    // Nothing spilled into the pool: the image never grows past its size.
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), expected as u64);
+    assert!(allocated(&file) <= expected as u64);
+    let entries: Vec<_> = std::fs::read_dir(d.pool())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    // Stats: the filesystem's own usage and inodes.
+    let st =
+        d.c.node
+            .node_get_volume_stats(stats_req(&id, &target))
+            .await
+            .unwrap()
+            .into_inner();
+    let bytes = st
+        .usage
+        .iter()
+        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
+        .unwrap();
+    let inodes = st
+        .usage
+        .iter()
+        .find(|u| u.unit == volume_usage::Unit::Inodes as i32)
+        .unwrap();
+    assert_eq!(bytes.total as u64, statvfs_total(&target));
+    assert!(
+        bytes.total <= expected && bytes.total > expected / 2,
+        "{bytes:?}"
+    );
+    assert!(
+        bytes.used as u64 >= written * 9 / 10,
+        "{bytes:?} after writing {written}"
+    );
+    assert!(bytes.available < 16 * MIB, "{bytes:?}");
+    assert!(inodes.total > 0 && inodes.used >= 2, "{inodes:?}");
+    assert!(!st.volume_condition.unwrap().abnormal);
+    // Staging stats work too.
+    d.c.node
+        .node_get_volume_stats(stats_req(&id, &staging))
+        .await
+        .unwrap();
+    unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+    unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+    assert!(mounts_under(d.dir.path()).is_empty());
+    // The data is in the image and comes back on the next stage.
+    stage_and_publish(&mut d, &id, &staging, &target, cap).await;
+    assert_eq!(
+        std::fs::read(target.join("hello")).unwrap(),
+        b"in the image"
+    );
+    unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+    d.c.controller.delete_volume(delete_req(&id)).await.unwrap();
+    assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+#[tokio::test]
+async fn image_volume_xfs_on_ext4_pool_stops_at_its_size() {
+    let d = Driver::start().await;
+    // mkfs.xfs refuses under 300 MB: 100 MiB becomes 300 MiB.
+    image_round_trip(d, "xfs", 100 * MIB, 300 * MIB).await;
+}
+
+#[tokio::test]
+async fn image_volume_ext4_on_xfs_pool_stops_at_its_size() {
+    let xfs = LoopFs::new("xfs", 1024);
+    let d = Driver::start_with(&[("xfs", Some(xfs.mount_point.join("pool")))]).await;
+    image_round_trip(d, "ext4", 64 * MIB, 64 * MIB).await;
+}
+
+#[tokio::test]
+async fn image_capacity_rounding_respects_limit() {
+    let mut d = Driver::start().await;
+    let mut r = image_create("pvc-small", 100 * MIB, "xfs");
+    r.capacity_range.as_mut().unwrap().limit_bytes = 200 * MIB;
+    let e = d.c.controller.create_volume(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert!(!d.pool().join("pvc-small").exists());
+    let mut r = image_create("pvc-fits", 100 * MIB, "xfs");
+    r.capacity_range.as_mut().unwrap().limit_bytes = 400 * MIB;
+    assert_eq!(create(&mut d, r).await.capacity_bytes, 300 * MIB);
+    let r = image_create("pvc-btrfs", 100 * MIB, "btrfs");
+    assert_eq!(
+        code(&d.c.controller.create_volume(r).await),
+        Code::InvalidArgument
+    );
+    // Default layout stays a directory.
+    let v = create(&mut d, create_req("pvc-dir", 100 * MIB, rwo())).await;
+    assert_eq!(v.capacity_bytes, 100 * MIB);
+    assert!(d.pool().join("pvc-dir").is_dir());
+}
+
+async fn preallocation(mut d: Driver) {
+    const SIZE: i64 = 256 * MIB;
+    create(&mut d, block_create("pvc-thin", SIZE, &[])).await;
+    create(
+        &mut d,
+        block_create("pvc-thick", SIZE, &[("preallocation", "true")]),
+    )
+    .await;
+    let (thin, thick) = (d.pool().join("pvc-thin"), d.pool().join("pvc-thick"));
+    assert!(
+        allocated(&thin) < MIB as u64,
+        "sparse volume allocated {}",
+        allocated(&thin)
+    );
+    assert!(
+        allocated(&thick) >= SIZE as u64,
+        "preallocated volume has only {}",
+        allocated(&thick)
+    );
+    // An image volume can be thick too.
+    let mut r = image_create("pvc-img-thick", 300 * MIB, "xfs");
+    r.parameters.insert("preallocation".into(), "true".into());
+    create(&mut d, r).await;
+    assert!(allocated(&d.pool().join("pvc-img-thick")) >= 300 << 20);
+    // ModifyVolume turns the thin disk thick in place, while it is in use.
+    let target = d.path("pods/thin");
+    publish_block(&mut d, "pvc-thin", &target, false).await;
+    let data = pattern(11, 2 << 20);
+    dio_write(&target, 100 << 20, &data).unwrap();
+    let modify = |v: &str| ControllerModifyVolumeRequest {
+        volume_id: "pvc-thin".into(),
+        mutable_parameters: params(&[("preallocation", v)]),
+        ..Default::default()
+    };
+    d.c.controller
+        .controller_modify_volume(modify("false"))
+        .await
+        .unwrap();
+    assert!(
+        allocated(&thin) < 4 * MIB as u64,
+        "preallocation=false allocates nothing"
+    );
+    for _ in 0..2 {
+        d.c.controller
+            .controller_modify_volume(modify("true"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        allocated(&thin) >= SIZE as u64,
+        "modify allocated only {}",
+        allocated(&thin)
+    );
+    assert_eq!(std::fs::metadata(&thin).unwrap().len(), SIZE as u64);
+    assert_eq!(
+        dio_read(&target, 100 << 20, data.len()),
+        data,
+        "data untouched"
+    );
+    assert_eq!(file_read(&thin, 100 << 20, data.len()), data);
+    assert_eq!(dio_read(&target, 0, 4096), vec![0u8; 4096]);
+    // A preallocated volume stays thick when it grows.
+    d.c.controller
+        .controller_expand_volume(expand_req("pvc-thin", SIZE + 64 * MIB, block_cap_rw()))
+        .await
+        .unwrap();
+    assert!(allocated(&thin) >= (SIZE + 64 * MIB) as u64);
+    unpublish(&mut d, "pvc-thin", &target).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+    let bad = ControllerModifyVolumeRequest {
+        volume_id: "pvc-thin".into(),
+        mutable_parameters: params(&[("blockSize", "4096")]),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&d.c.controller.controller_modify_volume(bad).await),
+        Code::InvalidArgument
+    );
+    let missing = ControllerModifyVolumeRequest {
+        volume_id: "pvc-missing".into(),
+        mutable_parameters: params(&[("preallocation", "true")]),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&d.c.controller.controller_modify_volume(missing).await),
+        Code::NotFound
+    );
+    // mutable_parameters at create time.
+    let mut r = block_create("pvc-vac", 32 * MIB, &[]);
+    r.mutable_parameters = params(&[("preallocation", "true")]);
+    create(&mut d, r).await;
+    assert!(allocated(&d.pool().join("pvc-vac")) >= 32 << 20);
+}
+
+#[tokio::test]
+async fn preallocation_thick_thin_and_modify_in_place() {
+    on_both_pools!(preallocation);
+}
+
+async fn expand_block_while_published(d: &mut Driver) {
+    create(d, block_create("pvc-grow", 64 * MIB, &[])).await;
+    let target = d.path("pods/grow");
+    publish_block(d, "pvc-grow", &target, false).await;
+    let head = pattern(5, 1 << 20);
+    dio_write(&target, 0, &head).unwrap();
+    // Hold the device open across the expansion, like a running VM.
+    let held = open_direct(&target, true).unwrap();
+    let r =
+        d.c.controller
+            .controller_expand_volume(expand_req("pvc-grow", 128 * MIB, block_cap_rw()))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(r.capacity_bytes, 128 * MIB);
+    assert!(r.node_expansion_required);
+    assert_eq!(
+        std::fs::metadata(d.pool().join("pvc-grow")).unwrap().len(),
+        128 << 20
+    );
+    for _ in 0..2 {
+        let n =
+            d.c.node
+                .node_expand_volume(node_expand_req("pvc-grow", &target, 128 * MIB))
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(n.capacity_bytes, 128 * MIB);
+    }
+    assert_eq!(size_of(&target), 128 << 20);
+    let mut sz: u64 = 0;
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    // SAFETY: BLKGETSIZE64 writes one u64.
+    unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(&held), &mut sz) }.unwrap();
+    assert_eq!(sz, 128 << 20);
+    let tail = pattern(6, 1 << 20);
+    held.write_all_at(Aligned::from(&tail).as_ref(), 127 << 20)
+        .unwrap();
+    held.sync_all().unwrap();
+    drop(held);
+    assert_eq!(
+        file_read(&d.pool().join("pvc-grow"), 127 << 20, tail.len()),
+        tail
+    );
+    assert_eq!(dio_read(&target, 0, head.len()), head);
+    // The same size again is a no-op; smaller is OUT_OF_RANGE.
+    let again =
+        d.c.controller
+            .controller_expand_volume(expand_req("pvc-grow", 128 * MIB, block_cap_rw()))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(again.capacity_bytes, 128 * MIB);
+    let mut shrink = expand_req("pvc-grow", 32 * MIB, block_cap_rw());
+    shrink.capacity_range.as_mut().unwrap().limit_bytes = 32 * MIB;
+    assert_eq!(
+        code(&d.c.controller.controller_expand_volume(shrink).await),
+        Code::OutOfRange
+    );
+    let st =
+        d.c.node
+            .node_get_volume_stats(stats_req("pvc-grow", &target))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(st.usage[0].total, 128 * MIB);
+    unpublish(d, "pvc-grow", &target).await;
+}
+
+async fn expand_image_while_published(d: &mut Driver, fs_type: &str, from: i64, to: i64) {
+    let id = format!("pvc-grow-{fs_type}");
+    let cap = mount_cap_fs(fs_type);
+    create(d, image_create(&id, from, fs_type)).await;
+    let (staging, target) = (
+        d.path(&format!("staging/{id}")),
+        d.path(&format!("pods/{id}")),
+    );
+    stage_and_publish(d, &id, &staging, &target, cap.clone()).await;
+    std::fs::write(target.join("keep"), b"kept").unwrap();
+    let before = statvfs_total(&target);
+    assert!(before <= from as u64);
+    let r =
+        d.c.controller
+            .controller_expand_volume(expand_req(&id, to, cap.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(r.capacity_bytes, to);
+    assert!(r.node_expansion_required);
+    if fs_type == "ext4" && !has_cap_sys_resource() {
+        // The kernel refuses online ext4 growth without CAP_SYS_RESOURCE (as
+        // in this sandbox): a clear error, and the next stage grows it offline.
+        let e =
+            d.c.node
+                .node_expand_volume(node_expand_req(&id, &target, to))
+                .await
+                .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message());
+        unpublish_and_unstage(d, &id, &staging, &target).await;
+        stage_and_publish(d, &id, &staging, &target, cap).await;
+    }
+    for _ in 0..2 {
+        let n =
+            d.c.node
+                .node_expand_volume(node_expand_req(&id, &target, to))
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(n.capacity_bytes, to);
+    }
+    let after = statvfs_total(&target);
+    assert!(
+        after > before + (to - from) as u64 * 8 / 10,
+        "{fs_type} grew from {before} only to {after}"
+    );
+    assert_eq!(statvfs_total(&staging), after);
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
+    let st =
+        d.c.node
+            .node_get_volume_stats(stats_req(&id, &target))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(st.usage[0].total as u64, after);
+    unpublish_and_unstage(d, &id, &staging, &target).await;
+}
+
+#[tokio::test]
+async fn expansion_while_published() {
+    let mut d = Driver::start().await;
+    expand_block_while_published(&mut d).await;
+    expand_image_while_published(&mut d, "xfs", 300 * MIB, 512 * MIB).await;
+    expand_image_while_published(&mut d, "ext4", 64 * MIB, 160 * MIB).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+    assert!(mounts_under(d.dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn image_expanded_while_unstaged_grows_on_next_stage() {
+    let mut d = Driver::start().await;
+    for (fs_type, from, to) in [("xfs", 300 * MIB, 600 * MIB), ("ext4", 64 * MIB, 96 * MIB)] {
+        let id = format!("pvc-off-{fs_type}");
+        let cap = mount_cap_fs(fs_type);
+        create(&mut d, image_create(&id, from, fs_type)).await;
+        let (staging, target) = (d.path("staging/off"), d.path("pods/off"));
+        stage_and_publish(&mut d, &id, &staging, &target, cap.clone()).await;
+        std::fs::write(target.join("keep"), b"kept").unwrap();
+        let before = statvfs_total(&target);
+        unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+        let r =
+            d.c.controller
+                .controller_expand_volume(expand_req(&id, to, cap.clone()))
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(r.capacity_bytes, to);
+        stage_and_publish(&mut d, &id, &staging, &target, cap).await;
+        let after = statvfs_total(&target);
+        assert!(
+            after > before + (to - from) as u64 * 7 / 10,
+            "{fs_type}: {before} -> {after}"
+        );
+        assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
+        unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+        d.c.controller.delete_volume(delete_req(&id)).await.unwrap();
+    }
+    assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+#[tokio::test]
+async fn restart_after_kill9_then_clean_teardown() {
+    let mut d = Driver::start().await;
+    let before = loops_under(d.pool());
+    assert!(before.is_empty());
+    create(&mut d, block_create("pvc-vm", 64 * MIB, &[])).await;
+    create(&mut d, image_create("pvc-fs", 300 * MIB, "xfs")).await;
+    let (bt, st, it) = (d.path("pods/vm"), d.path("staging/fs"), d.path("pods/fs"));
+    publish_block(&mut d, "pvc-vm", &bt, false).await;
+    stage_and_publish(&mut d, "pvc-fs", &st, &it, mount_cap_fs("xfs")).await;
+    let data = pattern(9, 1 << 20);
+    dio_write(&bt, 0, &data).unwrap();
+    std::fs::write(it.join("f"), b"before crash").unwrap();
+    let attached = loops_under(d.pool());
+    assert_eq!(attached.len(), 2, "{attached:?}");
+
+    d.kill9();
+    d.restart().await;
+
+    // Nothing was detached or unmounted under the "pods".
+    assert_eq!(loops_under(d.pool()), attached);
+    assert_eq!(dio_read(&bt, 0, data.len()), data);
+    assert_eq!(std::fs::read(it.join("f")).unwrap(), b"before crash");
+    dio_write(&bt, 1 << 20, &data).unwrap();
+    // The new process sees the publications: stats, idempotent publish, expand.
+    for (id, p) in [("pvc-vm", &bt), ("pvc-fs", &it)] {
+        let r =
+            d.c.node
+                .node_get_volume_stats(stats_req(id, p))
+                .await
+                .unwrap()
+                .into_inner();
+        assert!(!r.volume_condition.unwrap().abnormal);
+    }
+    publish_block(&mut d, "pvc-vm", &bt, false).await;
+    assert_eq!(mounts_under(&bt).len(), 1);
+    let del =
+        d.c.controller
+            .delete_volume(delete_req("pvc-vm"))
+            .await
+            .unwrap_err();
+    assert_eq!(del.code(), Code::FailedPrecondition);
+    d.c.controller
+        .controller_expand_volume(expand_req("pvc-vm", 96 * MIB, block_cap_rw()))
+        .await
+        .unwrap();
+    d.c.node
+        .node_expand_volume(node_expand_req("pvc-vm", &bt, 96 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(size_of(&bt), 96 << 20);
+
+    unpublish(&mut d, "pvc-vm", &bt).await;
+    unpublish_and_unstage(&mut d, "pvc-fs", &st, &it).await;
+    for id in ["pvc-vm", "pvc-fs"] {
+        d.c.controller.delete_volume(delete_req(id)).await.unwrap();
+    }
+    assert_eq!(settled_loops(d.pool()).await, before, "leaked loop devices");
+    assert!(mounts_under(d.dir.path()).is_empty());
+    assert!(!bt.exists() && !it.exists());
+}
+
+#[tokio::test]
+async fn two_targets_share_one_loop_device() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-shared", 32 * MIB, &[])).await;
+    let (a, b) = (d.path("pods/a/dev"), d.path("pods/b/dev"));
+    let mut c1 = d.c.node.clone();
+    let mut c2 = d.c.node.clone();
+    let (r1, r2) = tokio::join!(
+        c1.node_publish_volume(publish_req("pvc-shared", &a, block_cap_rw(), false)),
+        c2.node_publish_volume(publish_req("pvc-shared", &b, block_cap_rw(), false)),
+    );
+    r1.unwrap();
+    r2.unwrap();
+    assert_eq!(loop_of(&a), loop_of(&b));
+    assert_eq!(loops_under(d.pool()).len(), 1);
+    let data = pattern(1, 64 << 10);
+    dio_write(&a, 0, &data).unwrap();
+    assert_eq!(dio_read(&b, 0, data.len()), data);
+    unpublish(&mut d, "pvc-shared", &a).await;
+    assert!(!a.exists());
+    assert_eq!(
+        loops_under(d.pool()).len(),
+        1,
+        "the other target still uses the device"
+    );
+    let more = pattern(2, 64 << 10);
+    dio_write(&b, 1 << 20, &more).unwrap();
+    assert_eq!(dio_read(&b, 0, data.len()), data);
+    assert_eq!(dio_read(&b, 1 << 20, more.len()), more);
+    unpublish(&mut d, "pvc-shared", &b).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+#[tokio::test]
+async fn read_only_publish_attaches_read_only() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-ro", 32 * MIB, &[])).await;
+    let (ro, rw) = (d.path("pods/ro"), d.path("pods/rw"));
+    // Read-only first, then a writer: each gets a device of its kind.
+    publish_block(&mut d, "pvc-ro", &ro, true).await;
+    publish_block(&mut d, "pvc-ro", &ro, true).await;
+    assert_eq!(sysfs(loop_of(&ro), "ro"), "1");
+    let e = dio_write(&ro, 0, &[1u8; 4096]).unwrap_err();
+    assert!(
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EROFS) | Some(libc::EPERM) | Some(libc::EACCES)
+        ),
+        "{e}"
+    );
+    publish_block(&mut d, "pvc-ro", &rw, false).await;
+    assert_eq!(sysfs(loop_of(&rw), "ro"), "0");
+    dio_write(&rw, 0, &[2u8; 4096]).unwrap();
+    assert_eq!(dio_read(&ro, 0, 4096), vec![2u8; 4096]);
+    assert!(
+        dio_write(&ro, 0, &[1u8; 4096]).is_err(),
+        "a writer must not make the reader writable"
+    );
+    // The same target asked again with the other mode is a conflict.
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("pvc-ro", &ro, block_cap_rw(), false))
+            .await;
+    assert_eq!(code(&r), Code::AlreadyExists);
+    // The volume is still in use while either remains.
+    unpublish(&mut d, "pvc-ro", &rw).await;
+    assert_eq!(loops_under(d.pool()).len(), 1);
+    assert_eq!(dio_read(&ro, 0, 4096), vec![2u8; 4096]);
+    assert_eq!(
+        code(&d.c.controller.delete_volume(delete_req("pvc-ro")).await),
+        Code::FailedPrecondition
+    );
+    unpublish(&mut d, "pvc-ro", &ro).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+    // A reader-only access mode is read-only too.
+    publish_block(&mut d, "pvc-ro", &rw, false).await;
+    let cap = block_cap(Mode::SingleNodeReaderOnly);
+    d.c.node
+        .node_publish_volume(publish_req("pvc-ro", &ro, cap, false))
+        .await
+        .unwrap();
+    assert_eq!(sysfs(loop_of(&ro), "ro"), "1");
+    assert_ne!(loop_of(&ro), loop_of(&rw));
+    unpublish(&mut d, "pvc-ro", &ro).await;
+    unpublish(&mut d, "pvc-ro", &rw).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+    // Image volume published read-only: the bind mount refuses writes.
+    create(&mut d, image_create("pvc-img-ro", 64 * MIB, "ext4")).await;
+    let (st, t) = (d.path("staging/img"), d.path("pods/img"));
+    let cap = mount_cap_fs("ext4");
+    d.c.node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "pvc-img-ro".into(),
+            staging_target_path: s(&st),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut p = publish_req("pvc-img-ro", &t, cap, true);
+    p.staging_target_path = s(&st);
+    d.c.node.node_publish_volume(p).await.unwrap();
+    let e = std::fs::write(t.join("x"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    unpublish_and_unstage(&mut d, "pvc-img-ro", &st, &t).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+#[tokio::test]
+async fn delete_of_attached_volume_names_the_loop_device() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-busy", 16 * MIB, &[])).await;
+    let t = d.path("pods/busy");
+    publish_block(&mut d, "pvc-busy", &t, false).await;
+    let dev = format!("/dev/loop{}", loop_of(&t));
+    let e =
+        d.c.controller
+            .delete_volume(delete_req("pvc-busy"))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains(&dev),
+        "{} should name {dev}",
+        e.message()
+    );
+    assert!(d.pool().join("pvc-busy").exists());
+    unpublish(&mut d, "pvc-busy", &t).await;
+    d.c.controller
+        .delete_volume(delete_req("pvc-busy"))
+        .await
+        .unwrap();
+    // A staged image volume is attached as well.
+    create(&mut d, image_create("pvc-busy-img", 64 * MIB, "ext4")).await;
+    let st = d.path("staging/busy");
+    d.c.node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "pvc-busy-img".into(),
+            staging_target_path: s(&st),
+            volume_capability: Some(mount_cap_fs("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e =
+        d.c.controller
+            .delete_volume(delete_req("pvc-busy-img"))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("/dev/loop"), "{}", e.message());
+    d.c.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: "pvc-busy-img".into(),
+            staging_target_path: s(&st),
+        })
+        .await
+        .unwrap();
+    d.c.controller
+        .delete_volume(delete_req("pvc-busy-img"))
+        .await
+        .unwrap();
+    assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+#[tokio::test]
+async fn block_validation_and_validate_volume_capabilities() {
+    let mut d = Driver::start().await;
+    let blk = create(&mut d, block_create("pvc-blk", 16 * MIB, &[])).await;
+    let img = create(&mut d, image_create("pvc-img", 64 * MIB, "ext4")).await;
+    // mount_flags on a Block volume.
+    let mut flagged = mount_cap(Mode::SingleNodeWriter);
+    if let Some(AccessType::Mount(m)) = &mut flagged.access_type {
+        m.mount_flags = vec!["noexec".into()];
+    }
+    let t = d.path("pods/blk");
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("pvc-blk", &t, flagged, false))
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    assert!(!t.exists());
+    // Image volumes need staging first.
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req(
+                "pvc-img",
+                &d.path("pods/img"),
+                mount_cap_fs("ext4"),
+                false,
+            ))
+            .await;
+    assert_eq!(code(&r), Code::FailedPrecondition);
+    // A block capability for an image volume and vice versa.
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("pvc-img", &t, block_cap_rw(), false))
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    assert!(loops_under(d.pool()).is_empty());
+
+    let validate = |v: &Volume, cap: VolumeCapability| ValidateVolumeCapabilitiesRequest {
+        volume_id: v.volume_id.clone(),
+        volume_context: v.volume_context.clone(),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    };
+    let confirmed = |r: ValidateVolumeCapabilitiesResponse| r.confirmed.is_some();
+    let mut ctl = d.c.controller.clone();
+    let mut check = async |v: &Volume, cap: VolumeCapability| {
+        confirmed(
+            ctl.validate_volume_capabilities(validate(v, cap))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    };
+    assert!(check(&blk, block_cap_rw()).await);
+    assert!(check(&blk, block_cap(Mode::SingleNodeReaderOnly)).await);
+    assert!(!check(&blk, rwo()).await);
+    assert!(!check(&blk, block_cap(Mode::MultiNodeMultiWriter)).await);
+    assert!(check(&img, mount_cap_fs("ext4")).await);
+    assert!(
+        check(&img, rwo()).await,
+        "no fs_type means the volume's own"
+    );
+    assert!(
+        !check(&img, mount_cap_fs("xfs")).await,
+        "an ext4 image cannot be mounted as xfs"
+    );
+    assert!(!check(&img, block_cap_rw()).await);
+}
+
+#[tokio::test]
+async fn stats_and_condition_of_block_volumes() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-st", 48 * MIB, &[])).await;
+    let t = d.path("pods/st");
+    publish_block(&mut d, "pvc-st", &t, false).await;
+    let r =
+        d.c.node
+            .node_get_volume_stats(stats_req("pvc-st", &t))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(
+        r.usage.len(),
+        1,
+        "a raw device has no inodes: {:?}",
+        r.usage
+    );
+    assert_eq!(r.usage[0].unit, volume_usage::Unit::Bytes as i32);
+    assert_eq!(r.usage[0].total, size_of(&t) as i64);
+    assert_eq!(r.usage[0].total, 48 * MIB);
+    assert!(!r.volume_condition.unwrap().abnormal);
+    // Detach the device behind the driver's back; the bind mount of the node remains.
+    let n = loop_of(&t);
+    let ok = std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(format!("/dev/loop{n}"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(settled_loops(d.pool()).await.is_empty());
+    assert_eq!(mounts_under(&t).len(), 1);
+    let r =
+        d.c.node
+            .node_get_volume_stats(stats_req("pvc-st", &t))
+            .await
+            .unwrap()
+            .into_inner();
+    let cond = r.volume_condition.unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains(&format!("loop{n}")),
+        "{}",
+        cond.message
+    );
+    // The same device now backs another file: still abnormal.
+    let other = d.path("other.img");
+    File::create(&other).unwrap().set_len(MIB as u64).unwrap();
+    let ok = std::process::Command::new("losetup")
+        .arg(format!("/dev/loop{n}"))
+        .arg(&other)
+        .status()
+        .unwrap();
+    if ok.success() {
+        let r =
+            d.c.node
+                .node_get_volume_stats(stats_req("pvc-st", &t))
+                .await
+                .unwrap()
+                .into_inner();
+        let cond = r.volume_condition.unwrap();
+        assert!(cond.abnormal, "{cond:?}");
+        // Unpublish must not detach a device that is not this volume's.
+        unpublish(&mut d, "pvc-st", &t).await;
+        assert_eq!(loops_under(d.dir.path()), vec![other.clone()]);
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(format!("/dev/loop{n}"))
+            .status();
+    } else {
+        // Someone else took loop{n} first.
+        unpublish(&mut d, "pvc-st", &t).await;
+    }
+    assert!(!t.exists());
+    assert!(mounts_under(d.dir.path()).is_empty());
+    // Republish works again after the loss.
+    publish_block(&mut d, "pvc-st", &t, false).await;
+    unpublish(&mut d, "pvc-st", &t).await;
+    d.c.controller
+        .delete_volume(delete_req("pvc-st"))
+        .await
+        .unwrap();
+    // Unknown path for a known volume is NOT_FOUND.
+    assert_eq!(
+        code(
+            &d.c.node
+                .node_get_volume_stats(stats_req("pvc-st", &t))
+                .await
+        ),
+        Code::NotFound
+    );
+}
+
+/// Publishes (or unpublishes) `n` block volumes of one driver at once.
+fn all_at_once(
+    d: &Driver,
+    n: usize,
+    publish: bool,
+) -> Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>> {
+    (0..n)
+        .map(|i| {
+            let mut c = d.c.node.clone();
+            let (id, target) = (format!("pvc-p{i}"), d.path(&format!("pods/p{i}/dev")));
+            tokio::spawn(async move {
+                if publish {
+                    c.node_publish_volume(publish_req(&id, &target, block_cap_rw(), false))
+                        .await
+                        .map(drop)
+                } else {
+                    c.node_unpublish_volume(unpublish_req(&id, &target))
+                        .await
+                        .map(drop)
+                }
+            })
+        })
+        .collect()
+}
+
+/// Two driver processes (as two nodes' worth of parallel tests would) each
+/// publish 12 volumes at once: loop allocation must survive the races
+/// between LOOP_CTL_GET_FREE and LOOP_CONFIGURE, and go past loop7.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_parallel_block_publishes() {
+    const N: usize = 12;
+    let mut drivers = vec![Driver::start().await, Driver::start().await];
+    for d in &mut drivers {
+        for i in 0..N {
+            create(d, block_create(&format!("pvc-p{i}"), 8 * MIB, &[])).await;
+        }
+    }
+    let tasks: Vec<_> = drivers
+        .iter()
+        .flat_map(|d| all_at_once(d, N, true))
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let mut devices = Vec::new();
+    for d in &drivers {
+        assert_eq!(loops_under(d.pool()).len(), N);
+        for i in 0..N {
+            let t = d.path(&format!("pods/p{i}/dev"));
+            devices.push(loop_of(&t));
+            let data = pattern(i as u8, 4096);
+            dio_write(&t, 0, &data).unwrap();
+            assert_eq!(
+                file_read(&d.pool().join(format!("pvc-p{i}")), 0, 4096),
+                data
+            );
+        }
+    }
+    devices.sort();
+    devices.dedup();
+    assert_eq!(devices.len(), 2 * N, "every volume has its own device");
+    assert!(devices.iter().any(|n| *n >= 8));
+    let tasks: Vec<_> = drivers
+        .iter()
+        .flat_map(|d| all_at_once(d, N, false))
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    for d in &drivers {
+        assert!(settled_loops(d.pool()).await.is_empty());
+        assert!(mounts_under(d.dir.path()).is_empty());
+    }
+}
+
+/// While something still holds the device open, a detach is deferred
+/// (autoclear); a new publish must not reuse that doomed device.
+#[tokio::test]
+async fn deferred_detach_is_not_reused() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-held", 16 * MIB, &[])).await;
+    let t = d.path("pods/held");
+    publish_block(&mut d, "pvc-held", &t, false).await;
+    let n = loop_of(&t);
+    let held = File::open(format!("/dev/loop{n}")).unwrap();
+    unpublish(&mut d, "pvc-held", &t).await;
+    assert_eq!(
+        sysfs(n, "loop/autoclear"),
+        "1",
+        "detach deferred while open"
+    );
+    publish_block(&mut d, "pvc-held", &t, false).await;
+    let m = loop_of(&t);
+    assert_ne!(m, n, "reused a device that goes away at the next close");
+    drop(held);
+    assert_eq!(settled_loops_but(d.pool(), 1).await.len(), 1);
+    let data = pattern(4, 4096);
+    dio_write(&t, 0, &data).unwrap();
+    assert_eq!(file_read(&d.pool().join("pvc-held"), 0, 4096), data);
+    unpublish(&mut d, "pvc-held", &t).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+/// A crash between attach and bind mount leaves a device with no mount;
+/// the CO's retried publish reuses it, or its unpublish releases it.
+#[tokio::test]
+async fn device_left_by_a_crash_is_reused_or_released() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-left", 16 * MIB, &[])).await;
+    let file = d.pool().join("pvc-left");
+    let attach = || {
+        let ok = std::process::Command::new("losetup")
+            .arg("--find")
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    attach();
+    d.restart().await;
+    let t = d.path("pods/left");
+    publish_block(&mut d, "pvc-left", &t, false).await;
+    assert_eq!(
+        loops_under(d.pool()).len(),
+        1,
+        "the leftover device is reused"
+    );
+    unpublish(&mut d, "pvc-left", &t).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+    attach();
+    d.restart().await;
+    unpublish(&mut d, "pvc-left", &t).await;
+    assert!(
+        settled_loops(d.pool()).await.is_empty(),
+        "unpublish releases it"
+    );
+    d.c.controller
+        .delete_volume(delete_req("pvc-left"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn capabilities_advertise_block_features() {
+    use hostpath_csi::proto::controller_service_capability::rpc::Type as C;
+    use hostpath_csi::proto::node_service_capability::rpc::Type as N;
+    let mut d = Driver::start().await;
+    let ctrl =
+        d.c.controller
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    let has_c = |t: C| {
+        ctrl.capabilities.iter().any(|c| matches!(&c.r#type, Some(controller_service_capability::Type::Rpc(r)) if r.r#type == t as i32))
+    };
+    assert!(has_c(C::ExpandVolume) && has_c(C::ModifyVolume));
+    let node =
+        d.c.node
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    let has_n = |t: N| {
+        node.capabilities.iter().any(|c| matches!(&c.r#type, Some(node_service_capability::Type::Rpc(r)) if r.r#type == t as i32))
+    };
+    assert!(
+        has_n(N::StageUnstageVolume)
+            && has_n(N::ExpandVolume)
+            && has_n(N::VolumeCondition)
+            && has_n(N::GetVolumeStats)
+    );
+    let plugin =
+        d.c.identity
+            .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(plugin.capabilities.iter().any(|c| matches!(
+        &c.r#type,
+        Some(plugin_capability::Type::VolumeExpansion(v)) if v.r#type == plugin_capability::volume_expansion::Type::Online as i32
+    )));
+}

@@ -1,0 +1,1871 @@
+//! Clones, snapshots and group snapshots (issue 4) on real XFS-with-reflink
+//! and ext4 pools, as root: content and holes, trees, cross-mode clones,
+//! crash and space safety, and sources that change under the copy.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hostpath_csi::proto::group_controller_service_capability::rpc::Type as GroupCap;
+use hostpath_csi::proto::volume_capability::access_mode::Mode;
+use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type as Src, VolumeSource};
+use hostpath_csi::proto::*;
+use nix::fcntl::{OFlag, RenameFlags, AT_FDCWD};
+use nix::sys::stat::Mode as Perm;
+use nix::unistd::Whence;
+use tonic::Code;
+
+const UMIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------- requests
+
+fn from_volume(id: &str) -> Option<VolumeContentSource> {
+    Some(VolumeContentSource {
+        r#type: Some(Src::Volume(VolumeSource {
+            volume_id: id.into(),
+        })),
+    })
+}
+
+fn from_snapshot(id: &str) -> Option<VolumeContentSource> {
+    Some(VolumeContentSource {
+        r#type: Some(Src::Snapshot(SnapshotSource {
+            snapshot_id: id.into(),
+        })),
+    })
+}
+
+fn block(name: &str, size: i64) -> CreateVolumeRequest {
+    create_req(name, size, block_cap(Mode::SingleNodeWriter))
+}
+
+fn dir(name: &str, size: i64) -> CreateVolumeRequest {
+    create_req(name, size, rwo())
+}
+
+fn image(name: &str, size: i64) -> CreateVolumeRequest {
+    let mut r = create_req(name, size, rwo());
+    r.parameters = params(&[("layout", "image")]);
+    r
+}
+
+fn cloned(mut r: CreateVolumeRequest, source: &str) -> CreateVolumeRequest {
+    r.volume_content_source = from_volume(source);
+    r
+}
+
+fn restored(mut r: CreateVolumeRequest, snapshot: &str) -> CreateVolumeRequest {
+    r.volume_content_source = from_snapshot(snapshot);
+    r
+}
+
+fn snap(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+fn list_snaps(id: &str, source: &str, max: i32, token: &str) -> ListSnapshotsRequest {
+    ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        source_volume_id: source.into(),
+        max_entries: max,
+        starting_token: token.into(),
+        ..Default::default()
+    }
+}
+
+async fn create(d: &mut Driver, r: CreateVolumeRequest) -> Volume {
+    let name = r.name.clone();
+    match d.c.controller.create_volume(r).await {
+        Ok(v) => v.into_inner().volume.unwrap(),
+        Err(s) => panic!("create {name}: {s:?}\n{}", d.log()),
+    }
+}
+
+async fn delete(d: &mut Driver, id: &str) {
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn snapshot_ids(d: &mut Driver) -> Vec<String> {
+    let r =
+        d.c.controller
+            .list_snapshots(list_snaps("", "", 0, ""))
+            .await
+            .unwrap();
+    r.into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect()
+}
+
+async fn volume_ids(d: &mut Driver) -> Vec<String> {
+    let r =
+        d.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap();
+    r.into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect()
+}
+
+// ------------------------------------------------------------ file helpers
+
+/// xorshift64*: cheap, deterministic test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Random 1 MiB chunks at scattered offsets, a few small unaligned writes
+/// and the last byte: what a VM disk with holes looks like.
+fn write_scattered(path: &Path, seed: u64, chunks: u64) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut rng = Rng(seed);
+    let mut buf = vec![0u8; UMIB as usize];
+    for _ in 0..chunks {
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, rng.next() % (len / UMIB) * UMIB)
+            .unwrap();
+    }
+    for _ in 0..8 {
+        rng.fill(&mut buf[..3000]);
+        f.write_all_at(&buf[..3000], rng.next() % (len - 8192))
+            .unwrap();
+    }
+    f.write_all_at(&[0xAB], len - 1).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Writes `len` bytes of real (non-zero, per-chunk distinct) data.
+fn write_dense(path: &Path, len: u64) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    Rng(7).fill(&mut buf);
+    let mut off = 0;
+    while off < len {
+        buf[..8].copy_from_slice(&off.to_le_bytes());
+        let n = (len - off).min(buf.len() as u64) as usize;
+        f.write_all_at(&buf[..n], off).unwrap();
+        off += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Size and a digest of a file's logical content, however it is stored:
+/// FNV-1a over (offset, bytes) of every non-zero 4 KiB block.
+fn digest(path: &Path) -> (u64, u64) {
+    const ZERO: [u8; 4096] = [0; 4096];
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off: i64 = 0;
+    loop {
+        let data = match nix::unistd::lseek(&f, off, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => panic!("SEEK_DATA {}: {e}", path.display()),
+        };
+        let end = nix::unistd::lseek(&f, data, Whence::SeekHole).unwrap();
+        let mut pos = data / 4096 * 4096;
+        while pos < end {
+            let want = (end - pos).min(buf.len() as i64) as usize;
+            let n = f.read_at(&mut buf[..want], pos as u64).unwrap();
+            assert!(n > 0);
+            for (i, blk) in buf[..n].chunks(4096).enumerate() {
+                if blk != &ZERO[..blk.len()] {
+                    eat(&(pos as u64 + i as u64 * 4096).to_le_bytes());
+                    eat(blk);
+                }
+            }
+            pos += n as i64;
+        }
+        off = end;
+    }
+    (len, h)
+}
+
+/// Bytes allocated to a file.
+fn allocated(path: &Path) -> u64 {
+    fs::symlink_metadata(path).unwrap().blocks() * 512
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks_available() * st.fragment_size()
+}
+
+fn near(a: u64, b: u64, slack: u64) -> bool {
+    a.abs_diff(b) <= slack
+}
+
+/// (mapped bytes, bytes in extents flagged FIEMAP_EXTENT_SHARED).
+fn fiemap_shared(path: &Path) -> (u64, u64) {
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Extent {
+        logical: u64,
+        physical: u64,
+        length: u64,
+        reserved64: [u64; 2],
+        flags: u32,
+        reserved: [u32; 3],
+    }
+    #[repr(C)]
+    struct Fiemap {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped: u32,
+        count: u32,
+        reserved: u32,
+        extents: [Extent; 128],
+    }
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_FLAG_SYNC: u32 = 1;
+    const EXTENT_LAST: u32 = 0x1;
+    const EXTENT_SHARED: u32 = 0x2000;
+    let f = File::open(path).unwrap();
+    let (mut mapped, mut shared, mut start) = (0u64, 0u64, 0u64);
+    loop {
+        let mut fm = Box::new(Fiemap {
+            start,
+            length: u64::MAX - start,
+            flags: FIEMAP_FLAG_SYNC,
+            mapped: 0,
+            count: 128,
+            reserved: 0,
+            extents: [Extent::default(); 128],
+        });
+        // SAFETY: FS_IOC_FIEMAP fills at most `count` extents of the buffer.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP, &mut *fm as *mut Fiemap) };
+        assert_eq!(
+            rc,
+            0,
+            "FIEMAP {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        if fm.mapped == 0 {
+            break;
+        }
+        let extents = &fm.extents[..fm.mapped as usize];
+        for e in extents {
+            mapped += e.length;
+            if e.flags & EXTENT_SHARED != 0 {
+                shared += e.length;
+            }
+        }
+        let last = extents.last().unwrap();
+        if last.flags & EXTENT_LAST != 0 {
+            break;
+        }
+        start = last.logical + last.length;
+    }
+    (mapped, shared)
+}
+
+fn drop_caches() {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    fs::read_dir(p).unwrap().next().is_none()
+}
+
+fn private(d: &Driver, what: &str) -> PathBuf {
+    d.pool().join(".hostpath-csi").join(what)
+}
+
+/// Runs a program and returns whether it succeeded, with its output.
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(program).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn kernel_log() -> Vec<String> {
+    let out = Command::new("dmesg").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn kernel_log_len() -> usize {
+    kernel_log().len()
+}
+
+/// XFS errors the kernel logged since `from` lines.
+fn xfs_errors_since(from: usize) -> Vec<String> {
+    kernel_log()
+        .into_iter()
+        .skip(from)
+        .filter(|l| {
+            l.contains("XFS")
+                && ["rror", "orrupt", "ailed", "hutdown"]
+                    .iter()
+                    .any(|w| l.contains(w))
+        })
+        .collect()
+}
+
+// ------------------------------------------------------ node-side helpers
+
+struct Mounted {
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+async fn stage_and_publish(d: &mut Driver, id: &str) -> Mounted {
+    let staging = d.path(&format!("staging-{id}"));
+    let target = d.path(&format!("pods/{id}/mount"));
+    fs::create_dir_all(&staging).unwrap();
+    d.c.node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("stage {id}: {s:?}"));
+    d.c.node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.to_string_lossy().into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("publish {id}: {s:?}"));
+    Mounted { staging, target }
+}
+
+async fn unpublish_and_unstage(d: &mut Driver, id: &str, m: &Mounted) {
+    d.c.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: m.target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    d.c.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: m.staging.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Thaws a filesystem when dropped, so a failing test never leaves one frozen.
+struct ThawGuard(PathBuf);
+
+impl Drop for ThawGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Writes 64 KiB files (`w-<n>`, every byte `n`) with fsync until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dir: PathBuf) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), count.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                let mut f = File::create(dir.join(format!("w-{i}"))).unwrap();
+                f.write_all(&[i as u8; 65536]).unwrap();
+                f.sync_all().unwrap();
+                c.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        });
+        Writer {
+            stop,
+            count,
+            thread: Some(thread),
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more files are written: proof nothing is frozen.
+    async fn advances(&self, n: u64) -> bool {
+        let from = self.written();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.written() >= from + n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+// ------------------------------------------------ sparse block clones
+
+#[tokio::test]
+async fn block_clone_on_xfs_reflinks_and_keeps_holes() {
+    let fs = LoopFs::new("xfs", 8192);
+    let mut d = Driver::start_with(&[("xfs", Some(fs.mount_point.join("pool")))]).await;
+    create(&mut d, block("src", 4 * GIB)).await;
+    let src = d.pool().join("src");
+    write_scattered(&src, 1, 48);
+    let want = digest(&src);
+    let src_alloc = allocated(&src);
+    assert!(
+        src_alloc >= 40 * UMIB && src_alloc < 64 * UMIB,
+        "{src_alloc}"
+    );
+    nix::unistd::sync();
+    let free_before = free_bytes(d.pool());
+
+    create(&mut d, cloned(block("same", 4 * GIB), "src")).await;
+    let grown = create(&mut d, cloned(block("grown", 6 * GIB), "src")).await;
+    assert_eq!(grown.capacity_bytes, 6 * GIB);
+    let snapshot =
+        d.c.controller
+            .create_snapshot(snap("snap", "src"))
+            .await
+            .unwrap();
+    assert!(snapshot.into_inner().snapshot.unwrap().ready_to_use);
+    let snap_data = private(&d, "snapshots/snap/data");
+    for (name, len) in [("same", 4 * GIB), ("grown", 6 * GIB)] {
+        let p = d.pool().join(name);
+        assert_eq!(fs::metadata(&p).unwrap().len(), len as u64, "{name}");
+        assert_eq!(
+            digest(&p).1,
+            want.1,
+            "{name}: content differs from the source"
+        );
+    }
+    for p in [
+        d.pool().join("same"),
+        d.pool().join("grown"),
+        snap_data.clone(),
+    ] {
+        assert!(
+            near(allocated(&p), src_alloc, UMIB),
+            "{}: {} vs {src_alloc}",
+            p.display(),
+            allocated(&p)
+        );
+        let (mapped, shared) = fiemap_shared(&p);
+        assert!(
+            mapped > 0 && shared * 10 >= mapped * 9,
+            "{}: {shared} of {mapped} bytes shared",
+            p.display()
+        );
+    }
+    nix::unistd::sync();
+    let used = free_before.saturating_sub(free_bytes(d.pool()));
+    assert!(
+        used < src_alloc / 4,
+        "reflinks used {used} bytes of pool space"
+    );
+    // Restoring the snapshot reflinks again.
+    create(&mut d, restored(block("back", 4 * GIB), "snap")).await;
+    assert_eq!(digest(&d.pool().join("back")), want);
+    // Writes to a clone stay private to it.
+    write_scattered(&d.pool().join("same"), 99, 4);
+    assert_eq!(digest(&src), want);
+    assert_eq!(digest(&d.pool().join("back")), want);
+}
+
+#[tokio::test]
+async fn block_clone_on_ext4_keeps_holes() {
+    let fs = LoopFs::new("ext4", 8192);
+    let mut d = Driver::start_with(&[("ext4", Some(fs.mount_point.join("pool")))]).await;
+    create(&mut d, block("src", 4 * GIB)).await;
+    let src = d.pool().join("src");
+    write_scattered(&src, 2, 48);
+    let want = digest(&src);
+    let src_alloc = allocated(&src);
+    drop_caches();
+    create(&mut d, cloned(block("same", 4 * GIB), "src")).await;
+    create(&mut d, cloned(block("grown", 5 * GIB), "src")).await;
+    d.c.controller
+        .create_snapshot(snap("snap", "src"))
+        .await
+        .unwrap();
+    create(&mut d, cloned(dir("as-fs", 5 * GIB), "src")).await;
+    let copies = [
+        d.pool().join("same"),
+        d.pool().join("grown"),
+        private(&d, "snapshots/snap/data"),
+        d.pool().join("as-fs/disk.img"),
+    ];
+    for p in &copies {
+        assert_eq!(digest(p).1, want.1, "{}: content differs", p.display());
+        // Extent-tree blocks may differ a little; holes must not be filled.
+        assert!(
+            near(allocated(p), src_alloc, 2 * UMIB),
+            "{}: {} allocated vs {src_alloc}",
+            p.display(),
+            allocated(p)
+        );
+    }
+    assert_eq!(fs::metadata(&copies[1]).unwrap().len(), 5 * GIB as u64);
+    assert_eq!(fs::metadata(&copies[3]).unwrap().len(), 4 * GIB as u64);
+    // A smaller target is refused and leaves nothing behind.
+    let r =
+        d.c.controller
+            .create_volume(cloned(block("small", 2 * GIB), "src"))
+            .await;
+    assert_eq!(code(&r), Code::OutOfRange);
+    assert!(!d.pool().join("small").exists());
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+// ---------------------------------------------------------------- trees
+
+fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::utimensat(
+        AT_FDCWD,
+        path,
+        &TimeSpec::new(atime.0, atime.1),
+        &TimeSpec::new(mtime.0, mtime.1),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and buffer.
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Every user.* xattr of a path (not following symlinks).
+fn user_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a null buffer asks for the size.
+    let size = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+    assert!(size >= 0);
+    let mut names = vec![0u8; size as usize];
+    // SAFETY: the buffer is `size` bytes.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0);
+    names.truncate(n as usize);
+    let mut out = BTreeMap::new();
+    for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
+        let cname = std::ffi::CString::new(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        // SAFETY: as above.
+        let len = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(len >= 0);
+        value.truncate(len as usize);
+        out.insert(String::from_utf8_lossy(name).into_owned(), value);
+    }
+    out
+}
+
+/// Everything that a copy must keep, per relative path (symlinks not followed).
+#[derive(Debug, PartialEq)]
+struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: (i64, i64),
+    link: Option<PathBuf>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+    content: Option<(u64, u64)>,
+}
+
+fn describe(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let st = fs::symlink_metadata(&p).unwrap();
+            let ft = st.file_type();
+            let kind = if ft.is_dir() {
+                stack.push(p.clone());
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_file() {
+                "file"
+            } else if ft.is_fifo() {
+                "fifo"
+            } else {
+                "other"
+            };
+            out.insert(
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                Entry {
+                    kind,
+                    mode: st.mode() & 0o7777,
+                    uid: st.uid(),
+                    gid: st.gid(),
+                    size: if ft.is_dir() { 0 } else { st.len() },
+                    mtime: (st.mtime(), st.mtime_nsec()),
+                    link: ft.is_symlink().then(|| fs::read_link(&p).unwrap()),
+                    xattrs: if ft.is_symlink() {
+                        BTreeMap::new()
+                    } else {
+                        user_xattrs(&p)
+                    },
+                    content: ft.is_file().then(|| digest(&p)),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Builds a tree with every awkward thing a VM or app volume holds.
+fn build_awkward_tree(root: &Path, outside: &Path, many_xattrs: bool) {
+    let j = |p: &str| root.join(p);
+    fs::create_dir_all(j("sub/deeper")).unwrap();
+    fs::write(j("plain"), b"plain data").unwrap();
+    fs::write(j("empty"), b"").unwrap();
+    // Symlinks that point out of the volume: copied as links, never followed.
+    std::os::unix::fs::symlink(outside.join("secret"), j("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../etc/passwd", j("sub/rel-link")).unwrap();
+    std::os::unix::fs::symlink(outside, j("dir-link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/dangling", j("dangling")).unwrap();
+    std::os::unix::fs::symlink("plain", j("inside-link")).unwrap();
+    // Hard links, within and across directories.
+    fs::write(j("hard-a"), b"shared inode").unwrap();
+    fs::hard_link(j("hard-a"), j("sub/hard-b")).unwrap();
+    fs::hard_link(j("hard-a"), j("sub/deeper/hard-c")).unwrap();
+    fs::write(j("pair-1"), b"two names").unwrap();
+    fs::hard_link(j("pair-1"), j("pair-2")).unwrap();
+    // Odd permissions and owners.
+    fs::create_dir(j("setgid")).unwrap();
+    chown(&j("setgid"), 1000, 2000);
+    chmod(&j("setgid"), 0o2775);
+    fs::write(j("setgid/inside"), b"group owned").unwrap();
+    chown(&j("setgid/inside"), 1000, 2000);
+    fs::create_dir(j("sticky")).unwrap();
+    chmod(&j("sticky"), 0o1777);
+    fs::write(j("locked"), b"nobody may read this").unwrap();
+    chmod(&j("locked"), 0o000);
+    fs::write(j("setuid"), b"#!/bin/true\n").unwrap();
+    chown(&j("setuid"), 1234, 5678);
+    chmod(&j("setuid"), 0o4755);
+    fs::create_dir(j("closed")).unwrap();
+    fs::write(j("closed/kept"), b"inside a 000 directory").unwrap();
+    chmod(&j("closed"), 0o000);
+    chown(&j("dangling"), 4321, 8765);
+    nix::unistd::mkfifo(&j("pipe"), Perm::from_bits_truncate(0o620)).unwrap();
+    // A sparse file inside the tree.
+    let f = File::create(j("sub/sparse.img")).unwrap();
+    f.set_len(256 * UMIB).unwrap();
+    f.write_all_at(b"middle", 128 * UMIB).unwrap();
+    drop(f);
+    // Extended attributes on files and directories.
+    set_xattr(&j("plain"), "user.color", b"blue");
+    set_xattr(&j("sub"), "user.dir", b"on a directory");
+    set_xattr(&j("hard-a"), "user.big", &vec![b'x'; 3000]);
+    set_xattr(&j("locked"), "user.locked", b"still copied");
+    if many_xattrs {
+        // More names than fit a 4 KiB list buffer (XFS allows it).
+        for i in 0..64 {
+            let name = format!("user.{}-{i:03}", "n".repeat(90));
+            set_xattr(&j("plain"), &name, format!("value {i}").as_bytes());
+        }
+    }
+    // Times with nanoseconds, set last (children change a directory's mtime).
+    for (i, p) in [
+        "plain",
+        "empty",
+        "hard-a",
+        "locked",
+        "setuid",
+        "pipe",
+        "sub/sparse.img",
+    ]
+    .iter()
+    .enumerate()
+    {
+        set_times(
+            &j(p),
+            (1_000_000_000 + i as i64, 111),
+            (1_100_000_000 + i as i64, 222_333_444),
+        );
+    }
+    set_times(&j("abs-link"), (1_200_000_000, 5), (1_200_000_001, 6));
+    for (i, p) in ["sub/deeper", "sub", "setgid", "sticky", "closed"]
+        .iter()
+        .enumerate()
+    {
+        set_times(
+            &j(p),
+            (1_300_000_000, 0),
+            (1_300_000_000 + i as i64, 999_999_999),
+        );
+    }
+}
+
+async fn tree_clone_on(fs_type: &str) {
+    let fs = LoopFs::new(fs_type, 512);
+    let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
+    let outside = d.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"host secret").unwrap();
+    set_times(
+        &outside.join("secret"),
+        (1_400_000_000, 0),
+        (1_400_000_000, 0),
+    );
+    create(&mut d, dir("src", 256 * MIB)).await;
+    let src = d.pool().join("src");
+    build_awkward_tree(&src, &outside, fs_type == "xfs");
+    let before = describe(&src);
+    create(&mut d, cloned(dir("dst", 256 * MIB), "src")).await;
+    let dst = d.pool().join("dst");
+    let after = describe(&dst);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (path, want) in &before {
+        assert_eq!(&after[path], want, "{}", path.display());
+    }
+    // The root keeps its mode; times set on files survive the copy's reads.
+    assert_eq!(
+        fs::metadata(&dst).unwrap().mode() & 0o7777,
+        fs::metadata(&src).unwrap().mode() & 0o7777
+    );
+    let st = fs::metadata(dst.join("plain")).unwrap();
+    assert_eq!((st.atime(), st.atime_nsec()), (1_000_000_000, 111));
+    // Hard links are links again.
+    let ino = |p: &str| fs::metadata(dst.join(p)).unwrap().ino();
+    assert_eq!(ino("hard-a"), ino("sub/hard-b"));
+    assert_eq!(ino("hard-a"), ino("sub/deeper/hard-c"));
+    assert_eq!(fs::metadata(dst.join("hard-a")).unwrap().nlink(), 3);
+    assert_eq!(ino("pair-1"), ino("pair-2"));
+    assert_ne!(
+        ino("pair-1"),
+        fs::metadata(src.join("pair-1")).unwrap().ino()
+    );
+    // Holes stay holes; the outside target is untouched and not copied in.
+    assert!(allocated(&dst.join("sub/sparse.img")) < UMIB);
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+    assert_eq!(
+        fs::metadata(outside.join("secret")).unwrap().mtime(),
+        1_400_000_000
+    );
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert!(fs::symlink_metadata(dst.join("dir-link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+#[tokio::test]
+async fn tree_clone_keeps_links_xattrs_modes_and_times_on_xfs() {
+    tree_clone_on("xfs").await;
+}
+
+#[tokio::test]
+async fn tree_clone_keeps_links_xattrs_modes_and_times_on_ext4() {
+    tree_clone_on("ext4").await;
+}
+
+/// A pod keeps swapping directories and files of its volume for symlinks to
+/// host paths (and a FIFO) while clones run: no clone may contain host data,
+/// and none may hang.
+#[tokio::test]
+async fn tree_clone_never_follows_links_swapped_in_during_the_copy() {
+    let mut d = Driver::start().await;
+    let outside = d.path("host");
+    fs::create_dir(&outside).unwrap();
+    for i in 0..8 {
+        fs::write(outside.join(format!("f{i}")), b"HOST-SECRET").unwrap();
+    }
+    fs::write(outside.join("disk.img"), b"HOST-SECRET").unwrap();
+    create(&mut d, dir("src", GIB)).await;
+    let src = d.pool().join("src");
+    let mut pairs = Vec::new();
+    for base in [src.clone(), src.join("n")] {
+        fs::create_dir_all(base.join("d")).unwrap();
+        for i in 0..8 {
+            fs::write(base.join(format!("d/f{i}")), b"public").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, base.join("dl")).unwrap();
+        pairs.push((base.join("d"), base.join("dl")));
+    }
+    fs::write(src.join("x"), b"public").unwrap();
+    std::os::unix::fs::symlink(outside.join("f0"), src.join("xl")).unwrap();
+    pairs.push((src.join("x"), src.join("xl")));
+    fs::write(src.join("q"), b"public").unwrap();
+    nix::unistd::mkfifo(&src.join("qf"), Perm::from_bits_truncate(0o600)).unwrap();
+    pairs.push((src.join("q"), src.join("qf")));
+    // disk.img for Filesystem -> Block clones, swapped with a FIFO and a link.
+    fs::write(src.join("disk.img"), vec![7u8; 4096]).unwrap();
+    nix::unistd::mkfifo(&src.join("disk-fifo"), Perm::from_bits_truncate(0o600)).unwrap();
+    std::os::unix::fs::symlink(outside.join("disk.img"), src.join("disk-link")).unwrap();
+    pairs.push((src.join("disk.img"), src.join("disk-fifo")));
+    pairs.push((src.join("disk.img"), src.join("disk-link")));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let (s, n) = (stop.clone(), swaps.clone());
+    let swapper = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            for (a, b) in &pairs {
+                nix::fcntl::renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE)
+                    .unwrap();
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    for i in 0..30 {
+        let name = format!("c{i}");
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            d.c.controller.create_volume(cloned(dir(&name, GIB), "src")),
+        )
+        .await
+        .expect("a clone hung (a FIFO was opened?)");
+        r.unwrap_or_else(|s| panic!("clone {name}: {s:?}"));
+        for (path, e) in describe(&d.pool().join(&name)) {
+            if e.kind == "file" {
+                let data = fs::read(d.pool().join(&name).join(&path)).unwrap();
+                assert!(
+                    !data.windows(11).any(|w| w == b"HOST-SECRET"),
+                    "{name}/{} holds host data",
+                    path.display()
+                );
+            }
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            d.c.controller
+                .create_volume(cloned(block(&format!("b{i}"), 16 * MIB), "src")),
+        )
+        .await
+        .expect("a Filesystem-to-Block clone hung");
+        match r {
+            Ok(_) => {
+                let data = fs::read(d.pool().join(format!("b{i}"))).unwrap();
+                assert!(
+                    !data.windows(11).any(|w| w == b"HOST-SECRET"),
+                    "b{i} holds host data"
+                );
+            }
+            Err(s) => assert_eq!(s.code(), Code::InvalidArgument, "{s:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(swaps.load(Ordering::Relaxed) > 1000);
+    for i in 0..8 {
+        assert_eq!(
+            fs::read(outside.join(format!("f{i}"))).unwrap(),
+            b"HOST-SECRET"
+        );
+    }
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+fn make_deep(root: &Path, depth: usize) {
+    let mut fd: OwnedFd =
+        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    for _ in 0..depth {
+        nix::sys::stat::mkdirat(fd.as_fd(), "d", Perm::from_bits_truncate(0o755)).unwrap();
+        fd = nix::fcntl::openat(
+            fd.as_fd(),
+            "d",
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Perm::empty(),
+        )
+        .unwrap();
+    }
+    let f = nix::fcntl::openat(
+        fd.as_fd(),
+        "leaf",
+        OFlag::O_CREAT | OFlag::O_WRONLY,
+        Perm::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    nix::unistd::write(&f, b"bottom").unwrap();
+}
+
+fn depth_of(root: &Path) -> usize {
+    let mut fd: OwnedFd =
+        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut depth = 0;
+    while let Ok(next) = nix::fcntl::openat(
+        fd.as_fd(),
+        "d",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+        Perm::empty(),
+    ) {
+        fd = next;
+        depth += 1;
+    }
+    let leaf = nix::fcntl::openat(fd.as_fd(), "leaf", OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut buf = [0u8; 16];
+    let n = nix::unistd::read(&leaf, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"bottom");
+    depth
+}
+
+/// Paths longer than PATH_MAX and trees deeper than any stack: the copy
+/// works by descriptors, and the driver survives.
+#[tokio::test]
+async fn deep_trees_are_copied_or_refused_cleanly() {
+    let mut d = Driver::start().await;
+    create(&mut d, dir("deep", GIB)).await;
+    make_deep(&d.pool().join("deep"), 1500);
+    create(&mut d, cloned(dir("deep-copy", GIB), "deep")).await;
+    assert_eq!(depth_of(&d.pool().join("deep-copy")), 1500);
+    d.c.controller
+        .create_snapshot(snap("deep-snap", "deep"))
+        .await
+        .unwrap();
+    create(&mut d, dir("deeper", GIB)).await;
+    make_deep(&d.pool().join("deeper"), 3000);
+    let r =
+        d.c.controller
+            .create_volume(cloned(dir("deeper-copy", GIB), "deeper"))
+            .await;
+    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
+    assert!(
+        d.c.identity.probe(ProbeRequest {}).await.is_ok(),
+        "the driver died"
+    );
+    assert!(!d.pool().join("deeper-copy").exists());
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+// ---------------------------------------------------------- cross-mode
+
+#[tokio::test]
+async fn cross_mode_clones_follow_the_disk_img_convention() {
+    let mut d = Driver::start().await;
+    // Block -> Filesystem: the disk becomes <target>/disk.img.
+    create(&mut d, block("blk", 64 * MIB)).await;
+    write_scattered(&d.pool().join("blk"), 3, 8);
+    let want = digest(&d.pool().join("blk"));
+    create(&mut d, cloned(dir("fs", 64 * MIB), "blk")).await;
+    let img = d.pool().join("fs/disk.img");
+    assert_eq!(digest(&img), want);
+    assert!(near(
+        allocated(&img),
+        allocated(&d.pool().join("blk")),
+        UMIB
+    ));
+    let r =
+        d.c.controller
+            .create_volume(cloned(dir("fs-small", 32 * MIB), "blk"))
+            .await;
+    assert_eq!(code(&r), Code::OutOfRange);
+
+    // Filesystem holding disk.img -> Block. CDI sizes the Filesystem PVC
+    // above the disk (filesystem overhead), so only disk.img must fit.
+    create(&mut d, dir("cdi", 10 * GIB)).await;
+    let disk = d.pool().join("cdi/disk.img");
+    File::create(&disk)
+        .unwrap()
+        .set_len(100 * UMIB + 4096)
+        .unwrap();
+    write_scattered(&disk, 4, 6);
+    let (disk_len, disk_hash) = digest(&disk);
+    let v = create(&mut d, cloned(block("blk2", 100 * MIB + 4096), "cdi")).await;
+    assert_eq!(v.capacity_bytes, 101 * MIB);
+    let blk2 = d.pool().join("blk2");
+    assert_eq!(fs::metadata(&blk2).unwrap().len(), 101 * UMIB);
+    assert_eq!(digest(&blk2).1, disk_hash);
+    assert!(disk_len < 101 * UMIB);
+    let r =
+        d.c.controller
+            .create_volume(cloned(block("blk-small", 100 * MIB), "cdi"))
+            .await;
+    assert_eq!(code(&r), Code::OutOfRange, "{r:?}");
+    // And through a snapshot of each side.
+    d.c.controller
+        .create_snapshot(snap("blk-snap", "blk"))
+        .await
+        .unwrap();
+    create(&mut d, restored(dir("fs-from-snap", 64 * MIB), "blk-snap")).await;
+    assert_eq!(digest(&d.pool().join("fs-from-snap/disk.img")), want);
+    d.c.controller
+        .create_snapshot(snap("cdi-snap", "cdi"))
+        .await
+        .unwrap();
+    create(
+        &mut d,
+        restored(block("blk-from-snap", 101 * MIB), "cdi-snap"),
+    )
+    .await;
+    assert_eq!(digest(&d.pool().join("blk-from-snap")).1, disk_hash);
+
+    // A directory without a regular disk.img cannot become a disk.
+    create(&mut d, dir("no-disk", GIB)).await;
+    let r =
+        d.c.controller
+            .create_volume(cloned(block("x1", GIB), "no-disk"))
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    std::os::unix::fs::symlink("/etc/passwd", d.pool().join("no-disk/disk.img")).unwrap();
+    let r =
+        d.c.controller
+            .create_volume(cloned(block("x2", GIB), "no-disk"))
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    fs::remove_file(d.pool().join("no-disk/disk.img")).unwrap();
+    nix::unistd::mkfifo(
+        &d.pool().join("no-disk/disk.img"),
+        Perm::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        d.c.controller
+            .create_volume(cloned(block("x3", GIB), "no-disk")),
+    )
+    .await
+    .expect("a FIFO disk.img must not hang the clone");
+    assert_eq!(code(&r), Code::InvalidArgument);
+
+    // Every other cross-mode pairing is INVALID_ARGUMENT with a clear message.
+    create(&mut d, image("img", 300 * MIB)).await;
+    for (req, src) in [
+        (block("x4", GIB), "img"),
+        (image("x5", GIB), "blk"),
+        (image("x6", GIB), "cdi"),
+        (dir("x7", GIB), "img"),
+    ] {
+        let name = req.name.clone();
+        let r = d.c.controller.create_volume(cloned(req, src)).await;
+        let s = r.expect_err(&name);
+        assert_eq!(s.code(), Code::InvalidArgument, "{name}: {s:?}");
+        assert!(s.message().contains("clone"), "{name}: {}", s.message());
+    }
+    let ids = volume_ids(&mut d).await;
+    assert!(
+        ids.iter()
+            .all(|i| !i.starts_with('x') && !i.ends_with("-small")),
+        "{ids:?}"
+    );
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+#[tokio::test]
+async fn image_clones_are_grown_and_keep_their_filesystem() {
+    let fs = LoopFs::new("xfs", 4096);
+    let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
+    create(&mut d, image("img", 400 * MIB)).await;
+    let mut ext4 = image("img4", 64 * MIB);
+    ext4.volume_capabilities = vec![mount_cap_fs("ext4")];
+    create(&mut d, ext4).await;
+    for id in ["img", "img4"] {
+        let m = stage_and_publish(&mut d, id).await;
+        fs::write(m.target.join("hello"), format!("from {id}")).unwrap();
+        unpublish_and_unstage(&mut d, id, &m).await;
+    }
+    // A larger target is grown (the filesystem at the next stage).
+    let v = create(&mut d, cloned(image("img-big", 700 * MIB), "img")).await;
+    assert_eq!(v.capacity_bytes, 700 * MIB);
+    // No fs_type in the request: the clone keeps the source's filesystem.
+    create(&mut d, cloned(image("img4-copy", 128 * MIB), "img4")).await;
+    d.c.controller
+        .create_snapshot(snap("img4-snap", "img4"))
+        .await
+        .unwrap();
+    create(&mut d, restored(image("img4-back", 64 * MIB), "img4-snap")).await;
+    for (id, from, min_size) in [
+        ("img-big", "img", 600 * UMIB),
+        ("img4-copy", "img4", 100 * UMIB),
+        ("img4-back", "img4", 40 * UMIB),
+    ] {
+        let m = stage_and_publish(&mut d, id).await;
+        assert_eq!(
+            fs::read_to_string(m.target.join("hello")).unwrap(),
+            format!("from {from}")
+        );
+        let st = nix::sys::statvfs::statvfs(&m.target).unwrap();
+        let size = st.blocks() * st.fragment_size();
+        assert!(size >= min_size, "{id}: filesystem is {size} bytes");
+        fs::write(m.target.join("more"), b"writable").unwrap();
+        unpublish_and_unstage(&mut d, id, &m).await;
+    }
+    let r =
+        d.c.controller
+            .create_volume(cloned(image("img-small", 350 * MIB), "img"))
+            .await;
+    assert_eq!(code(&r), Code::OutOfRange, "{r:?}");
+}
+
+// ------------------------------------------------------------ snapshots
+
+#[tokio::test]
+async fn snapshot_restore_idempotency_listing_and_paging() {
+    let mut d = Driver::start().await;
+    create(&mut d, block("blk", 256 * MIB)).await;
+    write_scattered(&d.pool().join("blk"), 5, 16);
+    let blk_digest = digest(&d.pool().join("blk"));
+    create(&mut d, dir("tree", GIB)).await;
+    let outside = d.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"x").unwrap();
+    build_awkward_tree(&d.pool().join("tree"), &outside, false);
+    let tree_before = describe(&d.pool().join("tree"));
+
+    let s1 =
+        d.c.controller
+            .create_snapshot(snap("s-blk", "blk"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert_eq!(s1.size_bytes, 256 * MIB);
+    assert!(s1.ready_to_use);
+    // Idempotent by name: the very same answer, even after a restart.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again =
+        d.c.controller
+            .create_snapshot(snap("s-blk", "blk"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert_eq!(again, s1);
+    d.restart().await;
+    let again =
+        d.c.controller
+            .create_snapshot(snap("s-blk", "blk"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    assert_eq!(again, s1);
+    let r = d.c.controller.create_snapshot(snap("s-blk", "tree")).await;
+    assert_eq!(code(&r), Code::AlreadyExists);
+    d.c.controller
+        .create_snapshot(snap("s-tree", "tree"))
+        .await
+        .unwrap();
+
+    // Change both sources; restores give the snapshot's content.
+    write_scattered(&d.pool().join("blk"), 6, 4);
+    fs::write(d.pool().join("tree/plain"), b"changed").unwrap();
+    fs::remove_file(d.pool().join("tree/empty")).unwrap();
+    create(&mut d, restored(block("blk-back", 256 * MIB), "s-blk")).await;
+    assert_eq!(digest(&d.pool().join("blk-back")), blk_digest);
+    create(&mut d, restored(dir("tree-back", GIB), "s-tree")).await;
+    assert_eq!(describe(&d.pool().join("tree-back")), tree_before);
+    let r =
+        d.c.controller
+            .create_volume(restored(block("blk-small", 128 * MIB), "s-blk"))
+            .await;
+    assert_eq!(code(&r), Code::OutOfRange);
+    // Snapshots are independent: the source can go away.
+    delete(&mut d, "blk").await;
+    create(&mut d, restored(block("blk-back2", 512 * MIB), "s-blk")).await;
+    assert_eq!(digest(&d.pool().join("blk-back2")).1, blk_digest.1);
+
+    // Listing: filters by id and by source, pages, tokens.
+    for i in 0..5 {
+        d.c.controller
+            .create_snapshot(snap(&format!("s-t{i}"), "tree"))
+            .await
+            .unwrap();
+    }
+    let mut all = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page =
+            d.c.controller
+                .list_snapshots(list_snaps("", "", 3, &token))
+                .await
+                .unwrap()
+                .into_inner();
+        assert!(page.entries.len() <= 3);
+        all.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.snapshot.unwrap().snapshot_id),
+        );
+        pages += 1;
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        all,
+        ["s-blk", "s-t0", "s-t1", "s-t2", "s-t3", "s-t4", "s-tree"]
+    );
+    let by_source =
+        d.c.controller
+            .list_snapshots(list_snaps("", "tree", 4, ""))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(by_source.entries.len(), 4);
+    let rest =
+        d.c.controller
+            .list_snapshots(list_snaps("", "tree", 4, &by_source.next_token))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(rest.entries.len(), 2);
+    assert!(rest.next_token.is_empty());
+    // The deleted source's snapshot still lists under its old source.
+    let by_gone =
+        d.c.controller
+            .list_snapshots(list_snaps("", "blk", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(by_gone.entries.len(), 1);
+    let one =
+        d.c.controller
+            .list_snapshots(list_snaps("s-t2", "", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(one.entries.len(), 1);
+    assert_eq!(
+        one.entries[0].snapshot.as_ref().unwrap().source_volume_id,
+        "tree"
+    );
+    let mismatch =
+        d.c.controller
+            .list_snapshots(list_snaps("s-t2", "blk", 0, ""))
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(mismatch.entries.is_empty());
+    for bad in ["not-a-token", "../x"] {
+        assert_eq!(
+            code(
+                &d.c.controller
+                    .list_snapshots(list_snaps("", "", 0, bad))
+                    .await
+            ),
+            Code::Aborted
+        );
+    }
+    // Delete is idempotent and unknown ids succeed.
+    for _ in 0..2 {
+        d.c.controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: "s-t0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    d.c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: "never-was".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(snapshot_ids(&mut d).await.len(), 6);
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+/// Upstream's `snapshotPath`, here on another filesystem than the pool.
+#[tokio::test]
+async fn snapshot_path_from_datadir_is_honoured() {
+    let snapfs = LoopFs::new("xfs", 1024);
+    let root = tempfile::Builder::new()
+        .prefix("hpc-snappath-")
+        .tempdir()
+        .unwrap();
+    let pool = root.path().join("pool");
+    let snaps = snapfs.mount_point.join("snapshots");
+    let json =
+        serde_json::json!([{"name": "local", "path": pool, "snapshotPath": snaps}]).to_string();
+    let mut d = Driver::start_with_datadir(&json).await;
+    create(&mut d, block("blk", 64 * MIB)).await;
+    write_scattered(&d.pool().join("blk"), 8, 4);
+    let want = digest(&d.pool().join("blk"));
+    create(&mut d, dir("tree", GIB)).await;
+    fs::write(d.pool().join("tree/f"), b"file").unwrap();
+    d.c.controller
+        .create_snapshot(snap("s1", "blk"))
+        .await
+        .unwrap();
+    d.c.controller
+        .create_snapshot(snap("s2", "tree"))
+        .await
+        .unwrap();
+    assert_eq!(digest(&snaps.join("s1/data")), want);
+    assert_eq!(fs::read(snaps.join("s2/data/f")).unwrap(), b"file");
+    let unused = private(&d, "snapshots");
+    assert!(!unused.exists() || is_empty_dir(&unused));
+    d.restart().await;
+    assert_eq!(snapshot_ids(&mut d).await, ["s1", "s2"]);
+    create(&mut d, restored(block("back", 64 * MIB), "s1")).await;
+    assert_eq!(digest(&d.pool().join("back")), want);
+    for id in ["s1", "s2", "s1"] {
+        let r =
+            d.c.controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: id.into(),
+                    ..Default::default()
+                })
+                .await;
+        assert_eq!(code(&r), Code::Ok, "{r:?}");
+    }
+    assert!(snapshot_ids(&mut d).await.is_empty());
+    let left: Vec<_> = fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".groups")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(is_empty_dir(&private(&d, "tmp")));
+}
+
+// ---------------------------------------------------- group snapshots
+
+#[tokio::test]
+async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
+    let fs = LoopFs::new("xfs", 4096);
+    let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
+    let caps =
+        d.c.group
+            .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(group_controller_service_capability::Type::Rpc(r)) if r.r#type == GroupCap::CreateDeleteGetVolumeGroupSnapshot as i32)));
+    create(&mut d, image("vm-root", 512 * MIB)).await;
+    create(&mut d, block("vm-data", 64 * MIB)).await;
+    write_scattered(&d.pool().join("vm-data"), 9, 4);
+    let data_digest = digest(&d.pool().join("vm-data"));
+    create(&mut d, dir("vm-cfg", GIB)).await;
+    fs::write(d.pool().join("vm-cfg/cloud-init"), b"#cloud-config").unwrap();
+    let m = stage_and_publish(&mut d, "vm-root").await;
+    let _thaw = ThawGuard(m.staging.clone());
+    let writer = Writer::start(m.target.clone());
+    assert!(writer.advances(20).await);
+
+    let group = |name: &str, ids: &[&str]| CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let members = ["vm-root", "vm-data", "vm-cfg"];
+    let g =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-snap", &members))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert!(
+        writer.advances(20).await,
+        "writes did not resume: the freeze was not released"
+    );
+    assert!(g.ready_to_use);
+    assert_eq!(g.snapshots.len(), 3);
+    for s in &g.snapshots {
+        assert_eq!(s.group_snapshot_id, "vm-snap");
+        assert!(s.ready_to_use);
+    }
+    let again =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-snap", &members))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert_eq!(again, g);
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-snap", &["vm-root"]))
+            .await;
+    assert_eq!(code(&r), Code::AlreadyExists);
+    let got =
+        d.c.group
+            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: "vm-snap".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(got.group_snapshot.unwrap(), g);
+
+    // Restore the frozen member: a clean filesystem with whole files.
+    let member = |src: &str| {
+        g.snapshots
+            .iter()
+            .find(|s| s.source_volume_id == src)
+            .unwrap()
+            .snapshot_id
+            .clone()
+    };
+    create(
+        &mut d,
+        restored(image("root-back", 512 * MIB), &member("vm-root")),
+    )
+    .await;
+    // A frozen XFS has a covered (not unmounted) log, so the first mount
+    // replays it; that replay must succeed without errors, and the
+    // filesystem must then check clean.
+    let img = d.pool().join("root-back");
+    let kernel_log = kernel_log_len();
+    let back = stage_and_publish(&mut d, "root-back").await;
+    let mut files = 0;
+    for e in fs::read_dir(&back.target).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(n) = name.strip_prefix("w-") else {
+            continue;
+        };
+        let data = fs::read(e.path()).unwrap();
+        let n: u64 = n.parse().unwrap();
+        assert!(
+            data.is_empty() || data == vec![n as u8; 65536],
+            "{name} is torn ({} bytes)",
+            data.len()
+        );
+        files += 1;
+    }
+    assert!(files >= 20, "only {files} files in the restored image");
+    unpublish_and_unstage(&mut d, "root-back", &back).await;
+    let errors = xfs_errors_since(kernel_log);
+    assert!(
+        errors.is_empty(),
+        "mounting the restored image logged:\n{}",
+        errors.join("\n")
+    );
+    let (ok, out) = run("xfs_repair", &["-n".as_ref(), img.as_os_str()]);
+    assert!(ok, "xfs_repair -n on the restored image:\n{out}");
+    assert!(
+        !out.contains("ALERT"),
+        "xfs_repair -n on the restored image:\n{out}"
+    );
+    create(
+        &mut d,
+        restored(block("data-back", 64 * MIB), &member("vm-data")),
+    )
+    .await;
+    assert_eq!(digest(&d.pool().join("data-back")), data_digest);
+    create(&mut d, restored(dir("cfg-back", GIB), &member("vm-cfg"))).await;
+    assert_eq!(
+        fs::read(d.pool().join("cfg-back/cloud-init")).unwrap(),
+        b"#cloud-config"
+    );
+
+    // An error half-way (a member name taken by another snapshot) thaws and
+    // removes the members already taken.
+    d.c.controller
+        .create_snapshot(snap("broken-m1", "vm-cfg"))
+        .await
+        .unwrap();
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(group("broken", &["vm-root", "vm-data"]))
+            .await;
+    assert_eq!(code(&r), Code::AlreadyExists, "{r:?}");
+    assert!(
+        writer.advances(10).await,
+        "the freeze was not released after an error"
+    );
+    let ids = snapshot_ids(&mut d).await;
+    assert!(!ids.contains(&"broken-m0".to_string()), "{ids:?}");
+    // Unknown sources: NOT_FOUND, nothing frozen, nothing left.
+    for ids in [vec!["vm-root", "no-such-volume"], vec!["no-such-volume"]] {
+        let r =
+            d.c.group
+                .create_volume_group_snapshot(group("g-missing", &ids))
+                .await;
+        assert_eq!(code(&r), Code::NotFound, "{ids:?}: {r:?}");
+    }
+    assert!(writer.advances(10).await);
+    let ids = snapshot_ids(&mut d).await;
+    assert!(ids.iter().all(|i| !i.starts_with("g-missing")), "{ids:?}");
+
+    // Deleting the group deletes its members, idempotently.
+    for _ in 0..2 {
+        d.c.group
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: "vm-snap".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let ids = snapshot_ids(&mut d).await;
+    assert_eq!(ids, ["broken-m1"]);
+    let r =
+        d.c.group
+            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: "vm-snap".into(),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::NotFound);
+    writer.stop();
+    unpublish_and_unstage(&mut d, "vm-root", &m).await;
+}
+
+/// kill -9 while a group holds a filesystem frozen: the next start thaws it.
+#[tokio::test]
+async fn a_crash_during_a_group_snapshot_does_not_leave_a_filesystem_frozen() {
+    let fs = LoopFs::new("ext4", 6144);
+    let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
+    create(&mut d, image("vm-root", 64 * MIB)).await;
+    create(&mut d, block("vm-big", 2 * GIB)).await;
+    write_dense(&d.pool().join("vm-big"), 2 * GIB as u64);
+    let m = stage_and_publish(&mut d, "vm-root").await;
+    let _thaw = ThawGuard(m.staging.clone());
+    let writer = Writer::start(m.target.clone());
+    assert!(writer.advances(5).await);
+    drop_caches();
+    let mut group = d.c.group.clone();
+    let call = tokio::spawn(async move {
+        group
+            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                name: "g".into(),
+                source_volume_ids: vec!["vm-root".into(), "vm-big".into()],
+                ..Default::default()
+            })
+            .await
+    });
+    // Wait until the big member is being copied (the root is frozen by then).
+    let snapshots = private(&d, "snapshots");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copying = fs::read_dir(&snapshots).unwrap().flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(".tmp-g-m1")
+                && fs::metadata(e.path().join("data")).is_ok_and(|m| m.blocks() * 512 > 32 * UMIB)
+        });
+        if copying {
+            break;
+        }
+        assert!(
+            !call.is_finished(),
+            "the group snapshot finished before it could be interrupted"
+        );
+        assert!(Instant::now() < deadline, "the copy never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = writer.written();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        writer.written(),
+        before,
+        "the image filesystem was not frozen during the group snapshot"
+    );
+    d.kill9();
+    let _ = call.await;
+    d.restart().await;
+    assert!(
+        writer.advances(5).await,
+        "the filesystem is still frozen after a restart"
+    );
+    assert!(snapshot_ids(&mut d).await.is_empty());
+    let left: Vec<_> = fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".groups")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The retry succeeds.
+    let g =
+        d.c.group
+            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                name: "g".into(),
+                source_volume_ids: vec!["vm-root".into(), "vm-big".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert_eq!(g.snapshots.len(), 2);
+    assert!(writer.advances(5).await);
+    writer.stop();
+    unpublish_and_unstage(&mut d, "vm-root", &m).await;
+}
+
+// ------------------------------------------------------------ faults
+
+#[tokio::test]
+async fn kill_during_a_2gib_clone_leaves_nothing_and_the_retry_succeeds() {
+    let fs = LoopFs::new("ext4", 8192);
+    let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
+    create(&mut d, block("src", 2 * GIB)).await;
+    let src = d.pool().join("src");
+    write_dense(&src, 2 * GIB as u64);
+    let tmp = private(&d, "tmp");
+    let snapshots = private(&d, "snapshots");
+
+    // Interrupt a clone, then a snapshot, half-way.
+    for what in ["clone", "snapshot"] {
+        drop_caches();
+        let mut c = d.c.controller.clone();
+        let call = tokio::spawn(async move {
+            if what == "clone" {
+                c.create_volume(cloned(block("dst", 2 * GIB), "src"))
+                    .await
+                    .map(|_| ())
+            } else {
+                c.create_snapshot(snap("snap", "src")).await.map(|_| ())
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let partial = |dir: &Path| {
+                let mut found = false;
+                let mut stack = vec![dir.to_path_buf()];
+                while let Some(p) = stack.pop() {
+                    for e in fs::read_dir(&p).into_iter().flatten().flatten() {
+                        let st = fs::symlink_metadata(e.path()).unwrap();
+                        if st.is_dir() {
+                            stack.push(e.path());
+                        } else if st.blocks() * 512 > 64 * UMIB {
+                            found = true;
+                        }
+                    }
+                }
+                found
+            };
+            if partial(&tmp) || partial(&snapshots) {
+                break;
+            }
+            assert!(
+                !call.is_finished(),
+                "the {what} finished before it could be interrupted"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the {what} never started copying"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        d.kill9();
+        assert!(call.await.unwrap().is_err());
+        d.restart().await;
+        assert!(is_empty_dir(&tmp), "leftovers in tmp after start-up");
+        assert!(!d.pool().join("dst").exists());
+        assert!(!private(&d, "volumes/dst.json").exists());
+        assert_eq!(volume_ids(&mut d).await, ["src"]);
+        assert!(snapshot_ids(&mut d).await.is_empty());
+        assert!(
+            is_empty_dir(&snapshots),
+            "a half-built snapshot survived the restart"
+        );
+    }
+    assert!(d.log().contains("removed leftover"));
+
+    // The retries succeed and copy everything.
+    create(&mut d, cloned(block("dst", 2 * GIB), "src")).await;
+    d.c.controller
+        .create_snapshot(snap("snap", "src"))
+        .await
+        .unwrap();
+    let a = File::open(&src).unwrap();
+    let mut buf_a = vec![0u8; 16 << 20];
+    let mut buf_b = vec![0u8; 16 << 20];
+    for other in [d.pool().join("dst"), snapshots.join("snap/data")] {
+        let b = File::open(&other).unwrap();
+        assert_eq!(b.metadata().unwrap().len(), 2 * GIB as u64);
+        let mut off = 0u64;
+        while off < 2 * GIB as u64 {
+            a.read_exact_at(&mut buf_a, off).unwrap();
+            b.read_exact_at(&mut buf_b, off).unwrap();
+            assert!(buf_a == buf_b, "{} differs at {off}", other.display());
+            off += buf_a.len() as u64;
+        }
+    }
+    // Copies over 1 GiB report progress in the log.
+    let log = d.log();
+    assert!(
+        log.contains("copy progress") && log.contains("mb_per_s"),
+        "no progress in the log"
+    );
+}
+
+#[tokio::test]
+async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
+    let fs = LoopFs::new("ext4", 400);
+    let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
+    create(&mut d, block("blk", 100 * MIB)).await;
+    write_dense(&d.pool().join("blk"), 100 * UMIB);
+    create(&mut d, dir("tree", GIB / 4)).await;
+    for i in 0..25 {
+        let p = d.pool().join(format!("tree/f{i}"));
+        File::create(&p).unwrap().set_len(4 * UMIB).unwrap();
+        write_dense(&p, 4 * UMIB);
+    }
+    // Another volume full of data takes all but ~50 MiB.
+    create(&mut d, dir("filler", GIB / 4)).await;
+    let filler = d.pool().join("filler/data");
+    let f = File::create(&filler).unwrap();
+    nix::unistd::sync();
+    let keep = 50 * UMIB;
+    let fill = free_bytes(d.pool()).saturating_sub(keep);
+    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, fill as i64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let tree_before = tree(d.pool());
+    let free_before = free_bytes(d.pool());
+    assert!(free_before < 100 * UMIB);
+
+    let attempts: Vec<(&str, CreateVolumeRequest)> = vec![
+        ("block clone", cloned(block("c1", 100 * MIB), "blk")),
+        ("tree clone", cloned(dir("c2", GIB / 4), "tree")),
+        ("block to disk.img", cloned(dir("c3", GIB / 4), "blk")),
+    ];
+    for (what, req) in attempts {
+        let r = d.c.controller.create_volume(req).await;
+        assert_eq!(code(&r), Code::ResourceExhausted, "{what}: {r:?}");
+        nix::unistd::sync();
+        assert_eq!(tree(d.pool()), tree_before, "{what} left something behind");
+        assert!(
+            near(free_bytes(d.pool()), free_before, UMIB),
+            "{what}: free space {} -> {}",
+            free_before,
+            free_bytes(d.pool())
+        );
+    }
+    for source in ["blk", "tree"] {
+        let r =
+            d.c.controller
+                .create_snapshot(snap(&format!("s-{source}"), source))
+                .await;
+        assert_eq!(
+            code(&r),
+            Code::ResourceExhausted,
+            "snapshot of {source}: {r:?}"
+        );
+        nix::unistd::sync();
+        assert_eq!(
+            tree(d.pool()),
+            tree_before,
+            "snapshot of {source} left something behind"
+        );
+        assert!(near(free_bytes(d.pool()), free_before, UMIB));
+    }
+    assert!(snapshot_ids(&mut d).await.is_empty());
+    assert_eq!(volume_ids(&mut d).await, ["blk", "filler", "tree"]);
+    // With space back, the same requests succeed.
+    fs::remove_file(&filler).unwrap();
+    create(&mut d, cloned(block("c1", 100 * MIB), "blk")).await;
+    assert_eq!(digest(&d.pool().join("c1")), digest(&d.pool().join("blk")));
+}
