@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs prerequisites, checks style, runs every test as root.
+# The test command: installs prerequisites, checks style, validates the
+# rendered manifests against the Kubernetes schemas, and runs every test as
+# root (real loop devices, mounts, mkfs.xfs and a real gRPC socket).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -9,4 +11,6 @@ fi
 bash hack/setup.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets -- --test-threads 4
+bash hack/validate-render.sh
+# The fault matrix runs one seed here; hack/faults.sh runs more.
+HPC_FAULT_SEED="${HPC_FAULT_SEED:-1}" cargo test --all-targets -- --test-threads 4

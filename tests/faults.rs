@@ -476,7 +476,9 @@ async fn kill9_matrix() {
     assert!(mounts_under(d.dir.path()).is_empty());
     // The kills must have landed mid-operation, or the matrix proves nothing.
     let log = d.log();
-    let interrupted = log.matches("removed leftover of interrupted operation").count()
+    let interrupted = log
+        .matches("removed leftover of interrupted operation")
+        .count()
         + log.matches("removing half-built snapshot").count()
         + log.matches("rolling back a create").count();
     eprintln!("fault matrix: {interrupted} interrupted operations cleaned up at start-up");
@@ -552,4 +554,122 @@ async fn check_invariants_relaxed(d: &mut Driver, model: &Model, op: &Op, contex
         }
         assert!(target.exists(), "{context}: {name} target vanished");
     }
+}
+
+#[tokio::test]
+async fn pool_removed_under_a_running_driver() {
+    let mut d = Driver::start().await;
+    d.c.controller
+        .create_volume(create_req("pvc-before", GIB, rwo()))
+        .await
+        .unwrap();
+    let moved = d.path("pool-moved");
+    std::fs::rename(d.pool(), &moved).unwrap();
+    let probe =
+        d.c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(probe.ready, Some(false));
+    let r =
+        d.c.controller
+            .create_volume(create_req("pvc-after", GIB, rwo()))
+            .await;
+    assert_eq!(code(&r), tonic::Code::Unavailable, "{r:?}");
+    let r =
+        d.c.controller
+            .get_capacity(GetCapacityRequest::default())
+            .await;
+    assert!(matches!(
+        code(&r),
+        tonic::Code::Ok | tonic::Code::Unavailable | tonic::Code::Internal
+    ));
+    let r =
+        d.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await;
+    assert_eq!(code(&r), tonic::Code::Ok);
+    // The driver is still alive and recovers when the pool comes back.
+    std::fs::rename(&moved, d.pool()).unwrap();
+    let probe =
+        d.c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    d.c.controller
+        .create_volume(create_req("pvc-after", GIB, rwo()))
+        .await
+        .unwrap();
+    assert!(!d.log().contains("panicked"));
+}
+
+#[tokio::test]
+async fn enospc_in_a_tiny_pool_leaves_nothing_behind() {
+    let fs = LoopFs::new("ext4", 64);
+    let pool = fs.mount_point.join("pool");
+    let mut d = Driver::start_with(&[("tiny", Some(pool.clone()))]).await;
+    // Leave about 27 MiB free.
+    std::fs::write(fs.mount_point.join("filler"), vec![1u8; 30 << 20]).unwrap();
+    let free_before = nix::sys::statvfs::statvfs(&pool)
+        .unwrap()
+        .blocks_available();
+    let mut r = create_req("pvc-thick", 40 * MIB, block_cap(Mode::SingleNodeWriter));
+    r.parameters = params(&[("preallocation", "true")]);
+    let e = d.c.controller.create_volume(r).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // A snapshot that cannot fit fails the same way.
+    d.c.controller
+        .create_volume(create_req(
+            "pvc-data",
+            20 * MIB,
+            block_cap(Mode::SingleNodeWriter),
+        ))
+        .await
+        .unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pool.join("pvc-data"))
+        .unwrap();
+    f.write_all(&vec![7u8; 18 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let e =
+        d.c.controller
+            .create_snapshot(CreateSnapshotRequest {
+                name: "snap-big".into(),
+                source_volume_id: "pvc-data".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-data".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let tmp: Vec<_> = std::fs::read_dir(pool.join(".hostpath-csi/tmp"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(tmp.is_empty());
+    let snaps: Vec<_> = std::fs::read_dir(pool.join(".hostpath-csi/snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(snaps.is_empty(), "{snaps:?}");
+    let free_after = nix::sys::statvfs::statvfs(&pool)
+        .unwrap()
+        .blocks_available();
+    assert!(
+        free_after + 16 >= free_before,
+        "space not given back: {free_before} -> {free_after}"
+    );
+    drop(d);
 }

@@ -9,7 +9,9 @@ use hostpath_csi::volume::token;
 use proptest::prelude::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000),
+    ))]
 
     /// Whatever the input, an accepted name joined to a pool root is a
     /// direct child of that root.
