@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench block_io` (as root; see hack/bench/block.sh).
 //! Environment: BLOCK_BENCH_GIB (default 2), BLOCK_BENCH_CYCLES (default 200),
-//! BLOCK_BENCH_ROUNDS (default 3), BLOCK_BENCH_FS=xfs to put both on a
+//! BLOCK_BENCH_ROUNDS (default 5), BLOCK_BENCH_FS=xfs to put both on a
 //! loop-mounted XFS instead of the host's /tmp.
 //! Without `--bench` (as `cargo test --all-targets` runs it) it does a small
 //! smoke run instead.
@@ -117,7 +117,11 @@ fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
 }
 
 async fn throughput(d: &mut Driver, total: u64, rounds: usize) {
-    let mut req = create_req("bench-disk", total as i64, block_cap(Mode::SingleNodeWriter));
+    let mut req = create_req(
+        "bench-disk",
+        total as i64,
+        block_cap(Mode::SingleNodeWriter),
+    );
     req.capacity_range.as_mut().unwrap().limit_bytes = total as i64;
     d.c.controller.create_volume(req).await.unwrap();
     let target = d.path("pods/bench-disk");
@@ -133,7 +137,10 @@ async fn throughput(d: &mut Driver, total: u64, rounds: usize) {
             .ok()
             .map(|st| {
                 use std::os::unix::fs::MetadataExt;
-                format!("/sys/block/loop{}/loop/dio", nix::sys::stat::minor(st.rdev()))
+                format!(
+                    "/sys/block/loop{}/loop/dio",
+                    nix::sys::stat::minor(st.rdev())
+                )
             })
             .unwrap_or_default(),
     )
@@ -148,9 +155,13 @@ async fn throughput(d: &mut Driver, total: u64, rounds: usize) {
     let mut buf = Aligned::new(BS, 0x5a);
     let mut results: [[Vec<f64>; 2]; 2] = Default::default();
     for round in 0..rounds {
-        // First round writes into holes (allocation) on both; later ones overwrite.
+        // First round writes into holes (allocation) on both; later ones
+        // overwrite. The order alternates, so neither side always runs while
+        // the host is still flushing the other's writes.
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for (w, write) in [true, false].into_iter().enumerate() {
-            for (k, path) in [&plain, &target].into_iter().enumerate() {
+            for k in order {
+                let path = if k == 0 { &plain } else { &target };
                 let mbs = pass(path, total, write, &mut buf);
                 results[w][k].push(mbs);
             }
@@ -209,7 +220,11 @@ async fn publish_latency(d: &mut Driver, cycles: usize) {
         both.push(t2 - t0);
     }
     println!("publish+unpublish of a block volume, {cycles} cycles (client-side, over gRPC):");
-    for (what, mut v) in [("publish", publish), ("unpublish", unpublish), ("cycle", both)] {
+    for (what, mut v) in [
+        ("publish", publish),
+        ("unpublish", unpublish),
+        ("cycle", both),
+    ] {
         v.sort();
         println!(
             "  {what:9} p50 {:7.2} ms  p99 {:7.2} ms  max {:7.2} ms",
@@ -227,7 +242,7 @@ async fn main() {
         (
             env_or("BLOCK_BENCH_GIB", 2u64) << 30,
             env_or("BLOCK_BENCH_CYCLES", 200usize),
-            env_or("BLOCK_BENCH_ROUNDS", 3usize).max(1),
+            env_or("BLOCK_BENCH_ROUNDS", 5usize).max(1),
         )
     } else {
         println!("smoke run (pass --bench, e.g. `cargo bench --bench block_io`, for the real one)");

@@ -212,7 +212,14 @@ pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/loop-control")
-        .context(|| "open /dev/loop-control".into())?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                CoreError::FailedPrecondition(format!(
+                    "loop devices are unavailable on this node ({e} opening /dev/loop-control): load the loop module and run the driver privileged"
+                ))
+            }
+            _ => CoreError::io("open /dev/loop-control", e),
+        })?;
     let mut direct_io = opts.direct_io;
     let mut legacy = false;
     for _attempt in 0..256 {

@@ -1,5 +1,6 @@
 //! External filesystem tools behind typed functions: `blkid`, `mkfs.xfs`,
-//! `mkfs.ext4`, `xfs_growfs`, `resize2fs`. Always an argument vector.
+//! `mkfs.ext4`, `xfs_growfs`, `e2fsck`, `resize2fs`. Always an argument
+//! vector. Superblocks are read directly where a size is all we need.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
