@@ -23,20 +23,40 @@ pub struct PoolUsage {
     pub free_inodes: u64,
 }
 
-#[derive(Debug)]
 pub struct Pool {
     pub name: String,
     pub root: PathBuf,
     pub shared: bool,
+    require_mount: bool,
+    private: PathBuf,
     meta_dir: PathBuf,
     tmp_dir: PathBuf,
     snapshot_dir: PathBuf,
-    root_dir: File,
+    /// The pool root as opened when the pool became ready; `None` while a
+    /// pvcTemplate pool waits for its mount.
+    root_dir: Mutex<Option<File>>,
+    /// Recovery the core runs each time the pool becomes ready.
+    on_ready: std::sync::OnceLock<ReadyHook>,
     sync: GroupSync,
 }
 
+/// Work to run when a pool becomes ready (sweeping what a crash left).
+pub type ReadyHook = Box<dyn Fn(&Pool) + Send + Sync>;
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("root", &self.root)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
 impl Pool {
-    /// Opens (creating if needed) a pool and sweeps leftovers of interrupted work.
+    /// Opens (creating if needed) a pool and sweeps leftovers of interrupted
+    /// work. A pool that must be a mount point and is not one yet is opened
+    /// as "waiting": not ready, and nothing is written into it.
     pub fn open(cfg: &PoolConfig) -> CoreResult<Pool> {
         fs::create_dir_all(&cfg.path)
             .context(|| format!("pool {}: cannot create {}", cfg.name, cfg.path.display()))?;
@@ -52,21 +72,66 @@ impl Pool {
         let pool = Pool {
             name: cfg.name.clone(),
             shared: cfg.shared,
+            require_mount: cfg.require_mount,
             meta_dir: private.join("volumes"),
             tmp_dir: private.join("tmp"),
+            private,
             snapshot_dir,
-            root_dir: File::open(&root)
-                .context(|| format!("pool {}: cannot open {}", cfg.name, root.display()))?,
+            root_dir: Mutex::new(None),
+            on_ready: std::sync::OnceLock::new(),
             root,
             sync: GroupSync::default(),
         };
-        for dir in [&private, &pool.meta_dir, &pool.tmp_dir, &pool.snapshot_dir] {
+        match pool.initialize() {
+            Ok(()) => {}
+            Err(CoreError::Unavailable(why)) => tracing::warn!(pool = %pool.name, "{why}"),
+            Err(e) => return Err(e),
+        }
+        Ok(pool)
+    }
+
+    /// Makes the pool usable: checks its mount, creates the private area and
+    /// sweeps leftovers. Runs again when the root was replaced (a mount
+    /// appeared or the directory was recreated).
+    fn initialize(&self) -> CoreResult<()> {
+        if self.require_mount && !crate::mount::is_mount_point(&self.root)? {
+            return Err(CoreError::Unavailable(format!(
+                "pool {} waits for its filesystem to be mounted on {}",
+                self.name,
+                self.root.display()
+            )));
+        }
+        for dir in [
+            &self.private,
+            &self.meta_dir,
+            &self.tmp_dir,
+            &self.snapshot_dir,
+        ] {
             fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
         }
-        fs::set_permissions(&private, fs::Permissions::from_mode(0o700))
-            .context(|| format!("cannot restrict {}", private.display()))?;
-        pool.sweep_tmp();
-        Ok(pool)
+        fs::set_permissions(&self.private, fs::Permissions::from_mode(0o700))
+            .context(|| format!("cannot restrict {}", self.private.display()))?;
+        self.sweep_tmp();
+        let handle = File::open(&self.root)
+            .context(|| format!("pool {}: cannot open {}", self.name, self.root.display()))?;
+        *self.root_dir.lock().unwrap() = Some(handle);
+        if let Some(hook) = self.on_ready.get() {
+            hook(self);
+        }
+        tracing::info!(pool = %self.name, path = %self.root.display(), "pool ready");
+        Ok(())
+    }
+
+    /// Installs the recovery hook, and runs it now if the pool is ready.
+    pub fn set_ready_hook(&self, hook: ReadyHook) {
+        if self.on_ready.set(hook).is_ok() && self.is_initialized() {
+            (self.on_ready.get().expect("just set"))(self);
+        }
+    }
+
+    /// True once the pool has been initialised on its current root.
+    pub fn is_initialized(&self) -> bool {
+        self.root_dir.lock().unwrap().is_some()
     }
 
     /// Removes whatever an interrupted operation left in the temp area.
@@ -129,14 +194,26 @@ impl Pool {
         })
     }
 
-    /// True when the pool root is present and usable.
+    /// True when the pool root is present and is the directory the pool
+    /// was initialised on; a replaced root is initialised again when the
+    /// pool waits for a mount.
     pub fn is_accessible(&self) -> bool {
-        match fs::metadata(&self.root) {
-            Ok(m) => {
-                m.is_dir() && m.ino() == self.root_dir.metadata().map(|r| r.ino()).unwrap_or(0)
-            }
-            Err(_) => false,
+        let current = match fs::metadata(&self.root) {
+            Ok(m) if m.is_dir() => (m.dev(), m.ino()),
+            _ => return false,
+        };
+        let known = self
+            .root_dir
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()));
+        if known == Some(current) {
+            return true;
         }
+        // A pvcTemplate pool whose mount appeared, or a recreated directory.
+        self.initialize().is_ok()
     }
 
     /// Errors with UNAVAILABLE when the pool root has gone away.
@@ -168,7 +245,15 @@ impl Pool {
     /// Makes everything written to the pool so far durable. Concurrent
     /// callers share one `syncfs`, so many creates cost one flush.
     pub fn sync(&self) -> CoreResult<()> {
-        self.sync.sync(&self.root_dir)
+        let handle = self.root_dir.lock().unwrap().as_ref().map(File::try_clone);
+        match handle {
+            Some(Ok(f)) => self.sync.sync(&f),
+            Some(Err(e)) => Err(CoreError::io(format!("pool {}: reopen root", self.name), e)),
+            None => Err(CoreError::Unavailable(format!(
+                "pool {} is not ready",
+                self.name
+            ))),
+        }
     }
 }
 

@@ -254,6 +254,7 @@ impl HostPathProvisioner {
                     path: PathBuf::from(&pc.path).join(CSI_SUBDIR),
                     shared: false,
                     snapshot_path: None,
+                    require_mount: false,
                 }];
             }
         }
@@ -265,6 +266,7 @@ impl HostPathProvisioner {
                 path: PathBuf::from(&p.path).join(CSI_SUBDIR),
                 shared: p.pvc_template.as_ref().is_some_and(PvcTemplate::is_shared),
                 snapshot_path: None,
+                require_mount: p.pvc_template.is_some(),
             })
             .collect()
     }

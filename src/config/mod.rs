@@ -24,6 +24,9 @@ pub struct PoolConfig {
     pub shared: bool,
     /// Where snapshots go, when not under the pool's private area.
     pub snapshot_path: Option<PathBuf>,
+    /// The pool is a filesystem mounted on `path` by the pvcTemplate
+    /// mounter: nothing is written there until that mount exists.
+    pub require_mount: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +55,8 @@ struct DataDirEntry {
     shared: bool,
     #[serde(default)]
     snapshot_path: Option<String>,
+    #[serde(default)]
+    require_mount: bool,
 }
 
 /// Parses `--datadir`. The first entry is the default pool.
@@ -68,6 +73,7 @@ pub fn parse_datadir(json: &str) -> Result<Vec<PoolConfig>, ConfigError> {
             path: PathBuf::from(e.path),
             shared: e.shared,
             snapshot_path: e.snapshot_path.filter(|p| !p.is_empty()).map(PathBuf::from),
+            require_mount: e.require_mount,
         })
         .collect::<Vec<_>>();
     validate_pools(&pools, |i| format!("--datadir[{i}]"))?;

@@ -51,6 +51,9 @@ struct DataDir<'a> {
     name: &'a str,
     path: &'a str,
     shared: bool,
+    /// pvcTemplate pools: the driver waits for the mounter's mount.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    require_mount: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshot_provider: Option<&'a str>,
 }
@@ -62,6 +65,7 @@ pub(crate) fn datadir_json(pools: &[Pool<'_>]) -> String {
             name: &p.name,
             path: &p.csi_path,
             shared: p.shared,
+            require_mount: p.template.is_some(),
             snapshot_provider: p.snapshot_provider.as_deref(),
         })
         .collect();

@@ -107,8 +107,10 @@ impl Core {
             stats_cache: stats::StatsCache::default(),
         };
         for pool in &core.pools {
-            core.sweep_orphan_metadata(pool);
-            snapshot::sweep_orphans(pool);
+            pool.set_ready_hook(Box::new(|pool| {
+                sweep_orphan_metadata(pool);
+                snapshot::sweep_orphans(pool);
+            }));
         }
         Ok(Arc::new(core))
     }
@@ -145,36 +147,38 @@ impl Core {
         }
         Ok(NameLock { core: self, key })
     }
+}
 
-    /// Metadata without a volume is what an interrupted create or delete leaves.
-    fn sweep_orphan_metadata(&self, pool: &Pool) {
-        let Ok(entries) = fs::read_dir(pool.meta_dir()) else {
-            return;
+/// Metadata without a volume is what an interrupted create or delete leaves.
+fn sweep_orphan_metadata(pool: &Pool) {
+    let Ok(entries) = fs::read_dir(pool.meta_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            let _ = fs::remove_file(entry.path());
+            continue;
+        }
+        let Some(id) = name.strip_suffix(".json") else {
+            continue;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                let _ = fs::remove_file(entry.path());
-                continue;
-            }
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let empty = entry.metadata().is_ok_and(|m| m.len() == 0);
-            if empty && crate::names::is_valid_name(id) {
-                // Written but never flushed: the create was never acknowledged.
-                tracing::warn!(pool = %pool.name, volume = id, "rolling back a create interrupted before its flush");
-                remove_any(&pool.volume_path(id));
-                let _ = fs::remove_file(entry.path());
-                continue;
-            }
-            if fs::symlink_metadata(pool.volume_path(id)).is_err() {
-                tracing::info!(pool = %pool.name, volume = id, "removing metadata of a volume that was never completed or was deleted");
-                let _ = fs::remove_file(entry.path());
-            }
+        let empty = entry.metadata().is_ok_and(|m| m.len() == 0);
+        if empty && crate::names::is_valid_name(id) {
+            // Written but never flushed: the create was never acknowledged.
+            tracing::warn!(pool = %pool.name, volume = id, "rolling back a create interrupted before its flush");
+            remove_any(&pool.volume_path(id));
+            let _ = fs::remove_file(entry.path());
+            continue;
+        }
+        if fs::symlink_metadata(pool.volume_path(id)).is_err() {
+            tracing::info!(pool = %pool.name, volume = id, "removing metadata of a volume that was never completed or was deleted");
+            let _ = fs::remove_file(entry.path());
         }
     }
+}
 
+impl Core {
     /// Looks a volume up in one pool. Symlinks and odd file types are not volumes.
     fn volume_in(&self, pool: &Pool, id: &str) -> CoreResult<Option<Volume>> {
         let path = pool.volume_path(id);
@@ -312,7 +316,7 @@ impl Core {
             req.required_bytes,
             req.limit_bytes,
         )?;
-        let meta = VolumeMeta {
+        let mut meta = VolumeMeta {
             id: req.name.clone(),
             pool: pool.name.clone(),
             capacity_bytes: capacity,
@@ -325,7 +329,7 @@ impl Core {
             created_unix: now_unix(),
         };
         let staged = pool.tmp_path(&req.name, "create");
-        let result = self.build_volume(pool, &meta, &staged);
+        let result = self.build_volume(pool, &mut meta, &staged);
         if let Err(e) = result {
             remove_any(&staged);
             return Err(e);
@@ -410,8 +414,9 @@ impl Core {
         Ok(existing)
     }
 
-    /// Builds a complete volume at `staged` (in the pool's temp area).
-    fn build_volume(&self, pool: &Pool, meta: &VolumeMeta, staged: &Path) -> CoreResult<()> {
+    /// Builds a complete volume at `staged` (in the pool's temp area). A
+    /// clone may adjust `meta` (an image keeps its source's filesystem).
+    fn build_volume(&self, pool: &Pool, meta: &mut VolumeMeta, staged: &Path) -> CoreResult<()> {
         match meta.layout {
             Layout::Directory => {
                 fs::create_dir(staged).context(|| format!("create {}", staged.display()))?;
@@ -430,8 +435,8 @@ impl Core {
                     .map_err(|e| space_error(e, &pool.name, staged))?;
             }
         }
-        if let Some(source) = &meta.source {
-            self.fill_from_source(pool, meta, source, staged)?;
+        if let Some(source) = meta.source.clone() {
+            self.fill_from_source(pool, meta, &source, staged)?;
         } else if meta.layout == Layout::Image {
             xfs::make_filesystem(staged, meta.fs_type.as_deref().unwrap_or("xfs"))?;
         }
@@ -442,15 +447,16 @@ impl Core {
         Ok(())
     }
 
-    /// Copies a source volume or snapshot into a volume being built.
+    /// Copies a source volume or snapshot into a volume being built. The
+    /// source may be in use: the copy is then crash-consistent at best.
     fn fill_from_source(
         &self,
         pool: &Pool,
-        meta: &VolumeMeta,
+        meta: &mut VolumeMeta,
         source: &ContentSource,
         staged: &Path,
     ) -> CoreResult<()> {
-        let (src_path, src_layout, src_capacity) = match source {
+        let (src_path, src_layout, src_capacity, src_fs_type) = match source {
             ContentSource::Volume(id) => {
                 let v = self.find_volume(id)?.ok_or_else(|| {
                     CoreError::NotFound(format!(
@@ -458,25 +464,58 @@ impl Core {
                         self.node_id
                     ))
                 })?;
-                (v.path.clone(), v.meta.layout, v.meta.capacity_bytes)
+                (v.path, v.meta.layout, v.meta.capacity_bytes, v.meta.fs_type)
             }
             ContentSource::Snapshot(id) => {
                 let s = self.get_snapshot(id)?;
-                (s.data_path.clone(), s.meta.layout, s.meta.size_bytes)
+                (
+                    s.data_path,
+                    s.meta.layout,
+                    s.meta.size_bytes,
+                    s.meta.fs_type,
+                )
             }
         };
-        if src_capacity > meta.capacity_bytes && meta.capacity_bytes != 0 {
-            return Err(CoreError::OutOfRange(format!(
-                "source is {src_capacity} bytes, larger than the new volume ({} bytes)",
-                meta.capacity_bytes
-            )));
+        // The pairing is checked before sizes: an impossible clone says so.
+        match (src_layout, meta.layout) {
+            (Layout::Directory, Layout::Directory)
+            | (Layout::File, Layout::File)
+            | (Layout::Image, Layout::Image)
+            | (Layout::File, Layout::Directory) => {
+                if src_capacity > meta.capacity_bytes && meta.capacity_bytes != 0 {
+                    return Err(CoreError::OutOfRange(format!(
+                        "source is {src_capacity} bytes, larger than the new volume ({} bytes)",
+                        meta.capacity_bytes
+                    )));
+                }
+            }
+            // Only disk.img has to fit (checked below): CDI sizes the
+            // Filesystem volume above its disk for filesystem overhead.
+            (Layout::Directory, Layout::File) => {}
+            (from, to) => {
+                return Err(CoreError::InvalidArgument(format!(
+                    "cannot clone a {} volume into a {} volume; supported: the same layout, and a Block volume into a Filesystem directory volume (as {}) and back",
+                    describe_layout(from),
+                    describe_layout(to),
+                    copy::DISK_IMAGE
+                )))
+            }
         }
+        let (id, capacity) = (meta.id.clone(), meta.capacity_bytes);
         let space = |e: CoreError| match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => CoreError::ResourceExhausted(format!(
-                "pool {} ran out of space while copying into {}",
-                pool.name, meta.id
+                "pool {} ran out of space while copying into {id}",
+                pool.name
             )),
             _ => e,
+        };
+        let grow = |path: &Path| {
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .context(|| format!("open {}", path.display()))?;
+            file.set_len(capacity)
+                .map_err(|e| space_error(e, &pool.name, path))
         };
         match (src_layout, meta.layout) {
             (Layout::Directory, Layout::Directory) => {
@@ -484,8 +523,21 @@ impl Core {
             }
             (Layout::File, Layout::File) | (Layout::Image, Layout::Image) => {
                 copy::copy_file_into(&src_path, staged).map_err(space)?;
-                let file = fs::OpenOptions::new().write(true).open(staged).context(|| format!("open {}", staged.display()))?;
-                file.set_len(meta.capacity_bytes).context(|| format!("grow {}", staged.display()))?;
+                grow(staged)?;
+                if meta.layout == Layout::Image {
+                    // The bytes are the source's filesystem, whatever the request said.
+                    let fs_type = match src_fs_type {
+                        Some(t) => Some(t),
+                        None => match xfs::probe(staged)? {
+                            xfs::Probe::Filesystem(t) => Some(t),
+                            _ => None,
+                        },
+                    };
+                    if let Some(t) = fs_type.filter(|t| meta.fs_type.as_ref() != Some(t)) {
+                        tracing::info!(volume = %meta.id, fs_type = %t, "clone keeps its source's filesystem type");
+                        meta.fs_type = Some(t);
+                    }
+                }
             }
             (Layout::File, Layout::Directory) => {
                 // CDI's convention: a Filesystem VM disk is the file disk.img.
@@ -494,35 +546,27 @@ impl Core {
             }
             (Layout::Directory, Layout::File) => {
                 let disk = src_path.join(copy::DISK_IMAGE);
-                let st = fs::symlink_metadata(&disk).map_err(|_| {
+                let from = copy::open_regular(&disk)?.ok_or_else(|| {
                     CoreError::InvalidArgument(format!(
-                        "source holds no regular file {} to copy into a Block volume",
+                        "the source holds no regular file {} to copy into a Block volume",
                         copy::DISK_IMAGE
                     ))
                 })?;
-                if !st.is_file() {
-                    return Err(CoreError::InvalidArgument(format!(
-                        "source's {} is not a regular file",
-                        copy::DISK_IMAGE
-                    )));
-                }
-                if st.len() > meta.capacity_bytes {
+                let len = from
+                    .metadata()
+                    .context(|| format!("stat {}", disk.display()))?
+                    .len();
+                if len > meta.capacity_bytes {
                     return Err(CoreError::OutOfRange(format!(
-                        "source's {} is {} bytes, larger than the new Block volume ({} bytes)",
+                        "the source's {} is {len} bytes, larger than the new Block volume ({} bytes)",
                         copy::DISK_IMAGE,
-                        st.len(),
                         meta.capacity_bytes
                     )));
                 }
-                copy::copy_file_into(&disk, staged).map_err(space)?;
-                let file = fs::OpenOptions::new().write(true).open(staged).context(|| format!("open {}", staged.display()))?;
-                file.set_len(meta.capacity_bytes).context(|| format!("grow {}", staged.display()))?;
+                copy::copy_open_into(&from, &disk, staged).map_err(space)?;
+                grow(staged)?;
             }
-            (from, to) => {
-                return Err(CoreError::InvalidArgument(format!(
-                    "cannot clone a {from:?} volume into a {to:?} volume; supported: same layout, Block to Filesystem directory (as disk.img) and back"
-                )))
-            }
+            _ => unreachable!("pairings are checked above"),
         }
         Ok(())
     }
@@ -696,6 +740,14 @@ impl Core {
             )),
             Ok(_) => None,
         }
+    }
+}
+
+fn describe_layout(layout: Layout) -> &'static str {
+    match layout {
+        Layout::Directory => "Filesystem (directory)",
+        Layout::File => "Block",
+        Layout::Image => "Filesystem (image)",
     }
 }
 
