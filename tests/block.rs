@@ -1360,3 +1360,53 @@ async fn capabilities_advertise_block_features() {
         Some(plugin_capability::Type::VolumeExpansion(v)) if v.r#type == plugin_capability::volume_expansion::Type::Online as i32
     )));
 }
+
+/// A cluster-wide resizer may run ControllerExpandVolume on another node (or
+/// not at all): NodeExpandVolume with a larger capacity_range grows the
+/// volume on its own.
+#[tokio::test]
+async fn node_expansion_alone_grows_the_volume() {
+    let mut d = Driver::start().await;
+    d.c.controller
+        .create_volume(block_create("pvc-nodegrow", 64 * MIB, &[]))
+        .await
+        .unwrap();
+    let target = d.path("pods/nodegrow");
+    d.c.node
+        .node_publish_volume(publish_req("pvc-nodegrow", &target, block_cap_rw(), false))
+        .await
+        .unwrap();
+    let r =
+        d.c.node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: "pvc-nodegrow".into(),
+                volume_path: s(&target),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 128 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(r.capacity_bytes, 128 * MIB);
+    assert_eq!(size_of(&target), 128 << 20);
+    let v =
+        d.c.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "pvc-nodegrow".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(v.volume.unwrap().capacity_bytes, 128 * MIB);
+    d.c.node
+        .node_unpublish_volume(unpublish_req("pvc-nodegrow", &target))
+        .await
+        .unwrap();
+    d.c.controller
+        .delete_volume(delete_req("pvc-nodegrow"))
+        .await
+        .unwrap();
+}

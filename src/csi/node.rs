@@ -174,7 +174,12 @@ impl Node for CsiService {
                     ));
                 }
             }
-            let size = core.node_expand(&req.volume_id, &PathBuf::from(&req.volume_path))?;
+            let required = req
+                .capacity_range
+                .as_ref()
+                .map_or(0, |r| r.required_bytes.max(0) as u64);
+            let size =
+                core.node_expand(&req.volume_id, &PathBuf::from(&req.volume_path), required)?;
             Ok(NodeExpandVolumeResponse {
                 capacity_bytes: size as i64,
             })

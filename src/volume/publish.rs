@@ -582,17 +582,24 @@ impl Core {
     }
 
     /// Makes the node see a grown volume; returns the size now in effect.
-    pub fn node_expand(&self, id: &str, path: &Path) -> CoreResult<u64> {
+    /// `required` (0 = none) larger than the recorded capacity grows the
+    /// volume here first, so expansion also works when the controller half
+    /// ran on another node (a cluster-wide resizer) or not at all.
+    pub fn node_expand(&self, id: &str, path: &Path, required: u64) -> CoreResult<u64> {
         validate_name("volume_id", id)?;
         if path.as_os_str().is_empty() {
             return Err(CoreError::InvalidArgument("volume_path is required".into()));
         }
-        let volume = self.get_volume(id)?;
+        let mut volume = self.get_volume(id)?;
         if !path.is_absolute() || fs::symlink_metadata(path).is_err() {
             return Err(CoreError::NotFound(format!(
                 "volume {id} is not published at {}",
                 path.display()
             )));
+        }
+        if required > volume.meta.capacity_bytes && volume.meta.capacity_bytes > 0 {
+            self.expand_volume(id, required as i64, 0)?;
+            volume = self.get_volume(id)?;
         }
         if !volume.meta.layout.is_file() {
             return Ok(volume.meta.capacity_bytes);
