@@ -89,11 +89,44 @@ pub fn mounts() -> CoreResult<Vec<MountInfo>> {
 
 /// The topmost mount at exactly `path`, if any.
 pub fn mount_at(path: &Path) -> CoreResult<Option<MountInfo>> {
+    if statx_mount_root(path) == Some(false) {
+        return Ok(None);
+    }
     Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == path))
 }
 
 pub fn is_mount_point(path: &Path) -> CoreResult<bool> {
-    Ok(mount_at(path)?.is_some())
+    match statx_mount_root(path) {
+        Some(answer) => Ok(answer),
+        None => Ok(mount_at(path)?.is_some()),
+    }
+}
+
+/// Asks the kernel whether `path` is the root of a mount (statx
+/// STATX_ATTR_MOUNT_ROOT) without reading mountinfo; a missing path is not
+/// a mount point. `None` when the kernel cannot tell.
+fn statx_mount_root(path: &Path) -> Option<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: valid C string and a buffer of the right type.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            libc::STATX_TYPE,
+            buf.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return (err.raw_os_error() == Some(libc::ENOENT)).then_some(false);
+    }
+    // SAFETY: statx succeeded and filled the buffer.
+    let st = unsafe { buf.assume_init() };
+    let attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    (st.stx_attributes_mask & attr != 0).then_some(st.stx_attributes & attr != 0)
 }
 
 /// Filesystem type name of the filesystem holding `path`, from statfs.

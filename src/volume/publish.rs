@@ -313,7 +313,12 @@ impl Core {
         if req.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        let _guard = LOOP_LOCK.lock().unwrap();
+        // Directory volumes never touch loop devices: no need to serialise.
+        let _guard = volume
+            .meta
+            .layout
+            .is_file()
+            .then(|| LOOP_LOCK.lock().unwrap());
         if let Some(existing) = mount::mount_at(&req.target)? {
             if !self.is_mount_of(&volume, &existing, req.staging.as_deref())? {
                 return Err(CoreError::AlreadyExists(format!(
@@ -417,7 +422,9 @@ impl Core {
     pub fn unpublish(&self, id: &str, target: &Path) -> CoreResult<()> {
         validate_name("volume_id", id)?;
         require_absolute("target_path", target)?;
-        let _guard = LOOP_LOCK.lock().unwrap();
+        let volume = self.find_volume(id)?;
+        let file_backed = volume.as_ref().is_none_or(|v| v.meta.layout.is_file());
+        let _guard = file_backed.then(|| LOOP_LOCK.lock().unwrap());
         let was_mounted = mount::is_mount_point(target)?;
         if was_mounted {
             mount::unmount_all(target)?;
@@ -436,7 +443,7 @@ impl Core {
             Ok(_) => fs::remove_file(target).context(|| format!("remove {}", target.display()))?,
             Err(_) => {}
         }
-        if let Some(volume) = self.find_volume(id)? {
+        if let Some(volume) = volume {
             if volume.meta.layout == Layout::File {
                 self.release_if_unused(&volume.path)?;
             }
