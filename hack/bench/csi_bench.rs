@@ -42,6 +42,9 @@ struct Args {
     /// Use Block access type.
     #[arg(long)]
     block: bool,
+    /// Connections to spread requests over (1 = one multiplexed connection, as kubelet and the sidecars use).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Also time the bare filesystem steps of a create/delete in this directory.
     #[arg(long)]
     baseline_dir: Option<PathBuf>,
@@ -197,6 +200,16 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU seconds (user + system) the driver has used.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
@@ -236,7 +249,13 @@ fn name_for(run: &str, i: usize) -> String {
     format!("bench-{run}-{i:06}")
 }
 
-async fn w1(args: &Args, c: &Clients, run: &str, count: usize, concurrency: usize) -> Vec<Phase> {
+async fn w1(
+    args: &Args,
+    cs: &[Clients],
+    run: &str,
+    count: usize,
+    concurrency: usize,
+) -> Vec<Phase> {
     let parameters: std::collections::HashMap<String, String> = args
         .params
         .iter()
@@ -252,9 +271,9 @@ async fn w1(args: &Args, c: &Clients, run: &str, count: usize, concurrency: usiz
         }
     });
     let (size, block, run_s) = (args.size, args.block, run.to_owned());
-    let ctrl = c.controller.clone();
+    let ctrls: Vec<_> = cs.iter().map(|c| c.controller.clone()).collect();
     let create = run_phase("create", count, concurrency, move |i| {
-        let mut ctrl = ctrl.clone();
+        let mut ctrl = ctrls[i % ctrls.len()].clone();
         let req = CreateVolumeRequest {
             name: name_for(&run_s, i),
             capacity_range: Some(CapacityRange {
@@ -269,9 +288,12 @@ async fn w1(args: &Args, c: &Clients, run: &str, count: usize, concurrency: usiz
         async move { ctrl.create_volume(req).await.map(|_| ()) }
     })
     .await;
-    let (ctrl, run_s) = (c.controller.clone(), run.to_owned());
+    let (ctrls, run_s): (Vec<_>, _) = (
+        cs.iter().map(|c| c.controller.clone()).collect(),
+        run.to_owned(),
+    );
     let delete = run_phase("delete", count, concurrency, move |i| {
-        let mut ctrl = ctrl.clone();
+        let mut ctrl = ctrls[i % ctrls.len()].clone();
         let req = DeleteVolumeRequest {
             volume_id: name_for(&run_s, i),
             ..Default::default()
@@ -284,13 +306,14 @@ async fn w1(args: &Args, c: &Clients, run: &str, count: usize, concurrency: usiz
 
 async fn w2(
     args: &Args,
-    c: &Clients,
+    cs: &[Clients],
     run: &str,
     count: usize,
     concurrency: usize,
     target_dir: &Path,
 ) -> Vec<Phase> {
     std::fs::create_dir_all(target_dir).expect("create target dir");
+    let c = &cs[0];
     let mut ctrl = c.controller.clone();
     let mut contexts = Vec::new();
     for i in 0..count {
@@ -327,9 +350,10 @@ async fn w2(
         async move { node.node_publish_volume(req).await.map(|_| ()) }
     })
     .await;
-    let (node, run_s, dir) = (c.node.clone(), run.to_owned(), target_dir.to_path_buf());
+    let nodes: Vec<_> = cs.iter().map(|c| c.node.clone()).collect();
+    let (run_s, dir) = (run.to_owned(), target_dir.to_path_buf());
     let unpublish = run_phase("unpublish", count, concurrency, move |i| {
-        let mut node = node.clone();
+        let mut node = nodes[i % nodes.len()].clone();
         let req = NodeUnpublishVolumeRequest {
             volume_id: name_for(&run_s, i),
             target_path: dir.join(name_for(&run_s, i)).to_string_lossy().into_owned(),
@@ -420,16 +444,27 @@ fn report(workload: &str, phases: &[Phase], extra: serde_json::Value) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
-    let c = Clients::connect(&args.endpoint)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut cs = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        cs.push(
+            Clients::connect(&args.endpoint)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    let c = &cs;
     let run = format!("{:x}", std::process::id());
     let idle_rss = args.pid.and_then(rss_kib);
     let cpu_before = own_cpu_seconds();
+    let driver_cpu_before = args.pid.and_then(process_cpu_seconds);
     let (peak, sampler, stop) = rss_sampler(args.pid);
     match args.workload.clone() {
         Workload::W1 { count, concurrency } => {
-            let mut phases = w1(&args, &c, &run, count, concurrency).await;
+            let mut phases = w1(&args, c, &run, count, concurrency).await;
+            let client_cpu = own_cpu_seconds() - cpu_before;
+            let driver_cpu = driver_cpu_before
+                .zip(args.pid.and_then(process_cpu_seconds))
+                .map(|(a, b)| b - a);
             let mut extra = json!({});
             if let Some(dir) = &args.baseline_dir {
                 let base_dir = dir.join(format!("baseline-{run}"));
@@ -448,7 +483,8 @@ async fn main() {
             }
             stop.store(true, Ordering::Relaxed);
             let _ = sampler.await;
-            extra["client_cpu_s"] = json!(own_cpu_seconds() - cpu_before);
+            extra["client_cpu_s"] = json!(client_cpu);
+            extra["driver_cpu_s"] = json!(driver_cpu);
             extra["driver_idle_rss_kib"] = json!(idle_rss);
             extra["driver_peak_rss_kib"] = json!(peak.load(Ordering::Relaxed));
             report("W1", &phases, extra);
@@ -458,7 +494,7 @@ async fn main() {
             concurrency,
             target_dir,
         } => {
-            let phases = w2(&args, &c, &run, count, concurrency, &target_dir).await;
+            let phases = w2(&args, c, &run, count, concurrency, &target_dir).await;
             stop.store(true, Ordering::Relaxed);
             let _ = sampler.await;
             report(
@@ -466,6 +502,9 @@ async fn main() {
                 &phases,
                 json!({
                     "client_cpu_s": own_cpu_seconds() - cpu_before,
+                    "driver_cpu_s": driver_cpu_before
+                        .zip(args.pid.and_then(process_cpu_seconds))
+                        .map(|(a, b)| b - a),
                     "driver_idle_rss_kib": idle_rss,
                     "driver_peak_rss_kib": peak.load(Ordering::Relaxed),
                 }),
@@ -482,7 +521,7 @@ async fn main() {
             eprintln!("round  elapsed_s  rss_kib  open_fds");
             while started.elapsed().as_secs() < seconds {
                 let tag = format!("{run}r{round}");
-                let mut phases = w1(&args, &c, &tag, count, concurrency).await;
+                let mut phases = w1(&args, c, &tag, count, concurrency).await;
                 phases.extend(
                     w2(
                         &args,
