@@ -485,10 +485,7 @@ async fn block_clone_on_xfs_reflinks_and_keeps_holes() {
     write_scattered(&src, 1, 48);
     let want = digest(&src);
     let src_alloc = allocated(&src);
-    assert!(
-        src_alloc >= 40 * UMIB && src_alloc < 64 * UMIB,
-        "{src_alloc}"
-    );
+    assert!((40 * UMIB..64 * UMIB).contains(&src_alloc), "{src_alloc}");
     nix::unistd::sync();
     let free_before = free_bytes(d.pool());
 
@@ -821,8 +818,16 @@ async fn tree_clone_on(fs_type: &str) {
     let src = d.pool().join("src");
     build_awkward_tree(&src, &outside, fs_type == "xfs");
     let before = describe(&src);
+    let atime = |p: &Path| {
+        let st = fs::metadata(p.join("plain")).unwrap();
+        (st.atime(), st.atime_nsec())
+    };
+    let src_atime = atime(&src);
     create(&mut d, cloned(dir("dst", 256 * MIB), "src")).await;
     let dst = d.pool().join("dst");
+    // Access times are copied, and the copy's reads leave the source's alone.
+    assert_eq!(atime(&dst), src_atime);
+    assert_eq!(atime(&src), src_atime);
     let after = describe(&dst);
     assert_eq!(
         before.keys().collect::<Vec<_>>(),
@@ -831,13 +836,10 @@ async fn tree_clone_on(fs_type: &str) {
     for (path, want) in &before {
         assert_eq!(&after[path], want, "{}", path.display());
     }
-    // The root keeps its mode; times set on files survive the copy's reads.
     assert_eq!(
         fs::metadata(&dst).unwrap().mode() & 0o7777,
         fs::metadata(&src).unwrap().mode() & 0o7777
     );
-    let st = fs::metadata(dst.join("plain")).unwrap();
-    assert_eq!((st.atime(), st.atime_nsec()), (1_000_000_000, 111));
     // Hard links are links again.
     let ino = |p: &str| fs::metadata(dst.join(p)).unwrap().ino();
     assert_eq!(ino("hard-a"), ino("sub/hard-b"));
@@ -1567,8 +1569,8 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         b"#cloud-config"
     );
 
-    // An error half-way (a member name taken by another snapshot) thaws and
-    // removes the members already taken.
+    // A member name taken by another snapshot: refused before anything is
+    // frozen or taken.
     d.c.controller
         .create_snapshot(snap("broken-m1", "vm-cfg"))
         .await
@@ -1578,12 +1580,25 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
             .create_volume_group_snapshot(group("broken", &["vm-root", "vm-data"]))
             .await;
     assert_eq!(code(&r), Code::AlreadyExists, "{r:?}");
+    assert!(!snapshot_ids(&mut d)
+        .await
+        .contains(&"broken-m0".to_string()));
+    // A member that fails half-way (a tree too deep to copy) thaws the
+    // frozen filesystem and removes the members already taken.
+    create(&mut d, dir("too-deep", GIB)).await;
+    make_deep(&d.pool().join("too-deep"), 2100);
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(group("half", &["vm-root", "too-deep"]))
+            .await;
+    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
     assert!(
         writer.advances(10).await,
         "the freeze was not released after an error"
     );
     let ids = snapshot_ids(&mut d).await;
-    assert!(!ids.contains(&"broken-m0".to_string()), "{ids:?}");
+    assert!(ids.iter().all(|i| !i.starts_with("half")), "{ids:?}");
+    assert!(d.log().contains("filesystem thawed"));
     // Unknown sources: NOT_FOUND, nothing frozen, nothing left.
     for ids in [vec!["vm-root", "no-such-volume"], vec!["no-such-volume"]] {
         let r =

@@ -9,7 +9,10 @@ use tonic::Code;
 
 #[tokio::test]
 async fn pvc_template_pool_waits_for_its_mount() {
-    let base = tempfile::Builder::new().prefix("hpc-pools-").tempdir().unwrap();
+    let base = tempfile::Builder::new()
+        .prefix("hpc-pools-")
+        .tempdir()
+        .unwrap();
     let mounted = base.path().join("pvc-pool/csi");
     let json = serde_json::json!([
         {"name": "local", "path": base.path().join("local")},
@@ -17,15 +20,38 @@ async fn pvc_template_pool_waits_for_its_mount() {
     ])
     .to_string();
     let mut d = Driver::start_with_datadir(&json).await;
-    let probe = d.c.identity.probe(ProbeRequest {}).await.unwrap().into_inner();
-    assert_eq!(probe.ready, Some(false), "a pool without its mount is not ready");
+    let probe =
+        d.c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(
+        probe.ready,
+        Some(false),
+        "a pool without its mount is not ready"
+    );
     let mut r = create_req("pvc-early", 64 * MIB, rwo());
     r.parameters = params(&[("storagePool", "template")]);
-    assert_eq!(code(&d.c.controller.create_volume(r.clone()).await), Code::Unavailable);
-    assert_eq!(std::fs::read_dir(&mounted).unwrap().count(), 0, "nothing may be written under the mount point");
+    assert_eq!(
+        code(&d.c.controller.create_volume(r.clone()).await),
+        Code::Unavailable
+    );
+    assert_eq!(
+        std::fs::read_dir(&mounted).unwrap().count(),
+        0,
+        "nothing may be written under the mount point"
+    );
     // The mounter mounts the pool's filesystem; the driver picks it up.
     let fs = LoopFs::new("xfs", 320);
-    nix::mount::mount(Some(&fs.mount_point), &mounted, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>).unwrap();
+    nix::mount::mount(
+        Some(&fs.mount_point),
+        &mounted,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -33,10 +59,24 @@ async fn pvc_template_pool_waits_for_its_mount() {
         }
     }
     let _guard = Unmount(mounted.clone());
-    let probe = d.c.identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    let probe =
+        d.c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(probe.ready, Some(true));
     d.c.controller.create_volume(r).await.unwrap();
-    assert!(fs.mount_point.join("pvc-early").is_dir(), "the volume lands on the mounted filesystem");
-    d.c.controller.delete_volume(DeleteVolumeRequest { volume_id: "pvc-early".into(), ..Default::default() }).await.unwrap();
+    assert!(
+        fs.mount_point.join("pvc-early").is_dir(),
+        "the volume lands on the mounted filesystem"
+    );
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-early".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     drop(d);
 }

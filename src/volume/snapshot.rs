@@ -3,7 +3,8 @@
 //! into place when complete.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,10 @@ use crate::pool::Pool;
 const DATA: &str = "data";
 const META: &str = "meta.json";
 const STAGING_PREFIX: &str = ".tmp-";
+/// Group snapshot metadata, inside the default pool's snapshot directory.
+const GROUPS: &str = ".groups";
+/// Journal of a group snapshot in progress (`<prefix><name>.json`).
+const PENDING_PREFIX: &str = ".pending-";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
@@ -30,6 +35,9 @@ pub struct SnapshotMeta {
     /// Group snapshot this one belongs to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
+    /// Filesystem inside an image volume's snapshot (restores keep it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_type: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -38,8 +46,11 @@ pub struct Snapshot {
     pub data_path: PathBuf,
 }
 
-/// Removes half-built snapshots.
+/// Removes half-built snapshots (and half-deleted ones), and undoes group
+/// snapshots an earlier run did not finish: thaws what they froze and
+/// removes the members they took.
 pub fn sweep_orphans(pool: &Pool) {
+    recover_groups(&pool.snapshot_dir().join(GROUPS));
     let Ok(entries) = fs::read_dir(pool.snapshot_dir()) else {
         return;
     };
@@ -129,6 +140,7 @@ impl Core {
             created_unix: now.as_secs() as i64,
             created_nanos: now.subsec_nanos() as i32,
             group_id: group_id.map(str::to_owned),
+            fs_type: volume.meta.fs_type.clone(),
         };
         let build = || -> CoreResult<()> {
             fs::create_dir(&staging).context(|| format!("create {}", staging.display()))?;
@@ -172,7 +184,14 @@ impl Core {
         for pool in self.pools() {
             let dir = pool.snapshot_dir().join(id);
             if fs::symlink_metadata(&dir).is_ok() {
-                let doomed = pool.tmp_path(id, "snapdelete");
+                // Aside within the snapshot directory: `snapshotPath` may be
+                // another filesystem than the pool, and a crash leaves a name
+                // that start-up sweeps.
+                let doomed = pool.snapshot_dir().join(format!(
+                    "{STAGING_PREFIX}{id}.delete.{}",
+                    std::process::id()
+                ));
+                remove_any(&doomed);
                 fs::rename(&dir, &doomed).context(|| format!("move {} aside", dir.display()))?;
                 pool.sync()?;
                 remove_any(&doomed);
@@ -252,8 +271,23 @@ struct GroupMeta {
     created_nanos: i32,
 }
 
+/// Written before anything is frozen or taken, removed when the group is
+/// complete or undone: what start-up must thaw and remove after a crash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingGroup {
+    id: String,
+    /// Mount points that may be frozen.
+    frozen: Vec<PathBuf>,
+    /// Snapshot directories of the members.
+    members: Vec<PathBuf>,
+}
+
 nix::ioctl_readwrite_bad!(fifreeze, 0xC004_5877, libc::c_int);
 nix::ioctl_readwrite_bad!(fithaw, 0xC004_5878, libc::c_int);
+
+/// One group at a time freezes: a second would see EBUSY and could thaw a
+/// filesystem the first still needs frozen.
+static FREEZE_LOCK: Mutex<()> = Mutex::new(());
 
 /// Frozen filesystems, thawed on drop whatever happens.
 struct Frozen(Vec<(PathBuf, fs::File)>);
@@ -261,15 +295,60 @@ struct Frozen(Vec<(PathBuf, fs::File)>);
 impl Drop for Frozen {
     fn drop(&mut self) {
         for (path, dir) in self.0.drain(..).rev() {
-            let mut arg: libc::c_int = 0;
-            // SAFETY: FITHAW on a directory of a frozen filesystem.
-            match unsafe { fithaw(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut arg) } {
-                Ok(_) => tracing::info!(mount = %path.display(), "filesystem thawed"),
+            match thaw(&dir) {
+                Ok(()) => tracing::info!(mount = %path.display(), "filesystem thawed"),
                 Err(e) => {
                     tracing::error!(mount = %path.display(), error = %e, "cannot thaw filesystem")
                 }
             }
         }
+    }
+}
+
+fn thaw(dir: &fs::File) -> nix::Result<()> {
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FITHAW on a directory of the filesystem.
+    unsafe { fithaw(std::os::fd::AsRawFd::as_raw_fd(dir), &mut arg) }.map(drop)
+}
+
+/// Undoes the group snapshots a previous run left pending in `groups`.
+fn recover_groups(groups: &Path) {
+    let Ok(entries) = fs::read_dir(groups) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(PENDING_PREFIX) {
+            continue;
+        }
+        let pending = match meta::read::<PendingGroup>(&entry.path()) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "unreadable group journal removed");
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+        };
+        for mount_point in &pending.frozen {
+            // EINVAL: it was not frozen (or the freeze never happened).
+            if let Ok(dir) = fs::File::open(mount_point) {
+                if thaw(&dir).is_ok() {
+                    tracing::warn!(mount = %mount_point.display(), group = %pending.id, "thawed a filesystem an interrupted group snapshot left frozen");
+                }
+            }
+        }
+        let complete = groups.join(format!("{}.json", pending.id)).exists();
+        if !complete {
+            for dir in &pending.members {
+                let member = meta::read::<SnapshotMeta>(&dir.join(META)).ok().flatten();
+                if member.is_some_and(|m| m.group_id.as_deref() == Some(pending.id.as_str())) {
+                    tracing::info!(group = %pending.id, snapshot = %dir.display(), "removing a member of an interrupted group snapshot");
+                    remove_any(dir);
+                }
+            }
+        }
+        let _ = fs::remove_file(entry.path());
     }
 }
 
@@ -280,7 +359,7 @@ fn member_id(group: &str, index: usize) -> String {
 
 impl Core {
     fn group_dir(&self) -> PathBuf {
-        self.default_pool().snapshot_dir().join(".groups")
+        self.default_pool().snapshot_dir().join(GROUPS)
     }
 
     fn read_group(&self, id: &str) -> CoreResult<Option<GroupMeta>> {
@@ -329,46 +408,51 @@ impl Core {
                 ))
             })?);
         }
-        // Freeze every mounted image filesystem of the group.
-        let mut frozen = Frozen(Vec::new());
-        for v in volumes.iter().filter(|v| v.meta.layout == Layout::Image) {
-            for mount_point in self.publications(v)? {
-                let dir = fs::File::open(&mount_point)
-                    .context(|| format!("open {}", mount_point.display()))?;
-                let mut arg: libc::c_int = 0;
-                // SAFETY: FIFREEZE on a directory of the mounted filesystem.
-                match unsafe { fifreeze(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut arg) } {
-                    Ok(_) => {
-                        tracing::info!(mount = %mount_point.display(), "filesystem frozen");
-                        frozen.0.push((mount_point, dir));
-                        break;
-                    }
-                    // Already frozen through another mount of the same filesystem.
-                    Err(nix::errno::Errno::EBUSY) => break,
-                    Err(e) => {
-                        return Err(CoreError::io(
-                            format!("FIFREEZE {}", mount_point.display()),
-                            e.into(),
-                        ))
-                    }
-                }
-            }
-        }
-        let mut members = Vec::new();
-        for (i, s) in sources.iter().enumerate() {
+        let mut member_dirs = Vec::new();
+        for (i, v) in volumes.iter().enumerate() {
             let id = member_id(name, i);
-            match self.create_snapshot(&id, s, Some(name)) {
-                Ok(snap) => members.push(snap),
-                Err(e) => {
-                    drop(frozen);
-                    for m in &members {
-                        let _ = self.delete_snapshot(&m.meta.id);
-                    }
-                    return Err(e);
-                }
+            if self.find_snapshot(&id)?.is_some() {
+                return Err(CoreError::AlreadyExists(format!(
+                    "snapshot {id}, the name of member {i} of group snapshot {name}, is already taken"
+                )));
             }
+            member_dirs.push(self.pool_of(v)?.snapshot_dir().join(&id));
         }
+        let _one_freezer = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mounts = Vec::new();
+        for v in volumes.iter().filter(|v| v.meta.layout == Layout::Image) {
+            mounts.push(self.publications(v)?);
+        }
+        let journal = self
+            .group_dir()
+            .join(format!("{PENDING_PREFIX}{name}.json"));
+        fs::create_dir_all(self.group_dir())
+            .context(|| "create group snapshot directory".into())?;
+        meta::write_atomic(
+            &journal,
+            &PendingGroup {
+                id: name.to_owned(),
+                frozen: mounts.iter().flatten().cloned().collect(),
+                members: member_dirs,
+            },
+        )?;
+        let mut frozen = Frozen(Vec::new());
+        let taken =
+            freeze_all(&mounts, &mut frozen).and_then(|()| self.take_members(name, sources));
         drop(frozen);
+        let members = match taken {
+            Ok(members) => members,
+            Err((e, partial)) => {
+                for m in &partial {
+                    if let Err(err) = self.delete_snapshot(&m.meta.id) {
+                        tracing::warn!(snapshot = %m.meta.id, error = %err, "cannot remove a member of a failed group snapshot; start-up will");
+                        return Err(e);
+                    }
+                }
+                let _ = fs::remove_file(&journal);
+                return Err(e);
+            }
+        };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -379,10 +463,9 @@ impl Core {
             created_unix: now.as_secs() as i64,
             created_nanos: now.subsec_nanos() as i32,
         };
-        fs::create_dir_all(self.group_dir())
-            .context(|| "create group snapshot directory".into())?;
         meta::write_atomic(&self.group_dir().join(format!("{name}.json")), &g)?;
         self.default_pool().sync()?;
+        let _ = fs::remove_file(&journal);
         tracing::info!(
             group = name,
             members = members.len(),
@@ -394,6 +477,22 @@ impl Core {
             created_unix: g.created_unix,
             created_nanos: g.created_nanos,
         })
+    }
+
+    /// Snapshots every source in turn; on failure returns what was taken.
+    fn take_members(
+        &self,
+        group: &str,
+        sources: &[String],
+    ) -> Result<Vec<Snapshot>, (CoreError, Vec<Snapshot>)> {
+        let mut members = Vec::new();
+        for (i, s) in sources.iter().enumerate() {
+            match self.create_snapshot(&member_id(group, i), s, Some(group)) {
+                Ok(snap) => members.push(snap),
+                Err(e) => return Err((e, members)),
+            }
+        }
+        Ok(members)
     }
 
     pub fn get_group_snapshot(&self, id: &str) -> CoreResult<GroupSnapshot> {
@@ -420,4 +519,33 @@ impl Core {
         tracing::info!(group = id, "group snapshot deleted");
         Ok(())
     }
+}
+
+/// Freezes each image filesystem through one of its mounts (they all
+/// reach the same superblock). Already frozen (EBUSY) is left alone:
+/// whoever froze it thaws it.
+fn freeze_all(
+    mounts: &[Vec<PathBuf>],
+    frozen: &mut Frozen,
+) -> Result<(), (CoreError, Vec<Snapshot>)> {
+    for mount_point in mounts.iter().filter_map(|m| m.first()) {
+        let fail = |what: &str, e: std::io::Error| {
+            (
+                CoreError::io(format!("{what} {}", mount_point.display()), e),
+                Vec::new(),
+            )
+        };
+        let dir = fs::File::open(mount_point).map_err(|e| fail("open", e))?;
+        let mut arg: libc::c_int = 0;
+        // SAFETY: FIFREEZE on a directory of the mounted filesystem.
+        match unsafe { fifreeze(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut arg) } {
+            Ok(_) => {
+                tracing::info!(mount = %mount_point.display(), "filesystem frozen");
+                frozen.0.push((mount_point.clone(), dir));
+            }
+            Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => return Err(fail("FIFREEZE", e.into())),
+        }
+    }
+    Ok(())
 }
