@@ -38,6 +38,7 @@ pub struct Pool {
     /// Recovery the core runs each time the pool becomes ready.
     on_ready: std::sync::OnceLock<ReadyHook>,
     sync: GroupSync,
+    dir_sync: GroupSync,
 }
 
 /// Work to run when a pool becomes ready (sweeping what a crash left).
@@ -81,6 +82,7 @@ impl Pool {
             on_ready: std::sync::OnceLock::new(),
             root,
             sync: GroupSync::default(),
+            dir_sync: GroupSync::default(),
         };
         match pool.initialize() {
             Ok(()) => {}
@@ -245,9 +247,23 @@ impl Pool {
     /// Makes everything written to the pool so far durable. Concurrent
     /// callers share one `syncfs`, so many creates cost one flush.
     pub fn sync(&self) -> CoreResult<()> {
+        self.with_root(|f| self.sync.run(f, "syncfs", |fd| nix::unistd::syncfs(fd)))
+    }
+
+    /// Makes name changes in the pool root durable (a journal commit, no
+    /// data writeback): enough for a delete, whose only durable effect is
+    /// the volume leaving the root. Grouped like `sync`.
+    pub fn sync_root_entries(&self) -> CoreResult<()> {
+        self.with_root(|f| {
+            self.dir_sync
+                .run(f, "fsync pool root", |fd| nix::unistd::fsync(fd))
+        })
+    }
+
+    fn with_root(&self, work: impl FnOnce(&File) -> CoreResult<()>) -> CoreResult<()> {
         let handle = self.root_dir.lock().unwrap().as_ref().map(File::try_clone);
         match handle {
-            Some(Ok(f)) => self.sync.sync(&f),
+            Some(Ok(f)) => work(&f),
             Some(Err(e)) => Err(CoreError::io(format!("pool {}: reopen root", self.name), e)),
             None => Err(CoreError::Unavailable(format!(
                 "pool {} is not ready",
@@ -274,7 +290,12 @@ struct SyncState {
 }
 
 impl GroupSync {
-    fn sync(&self, fd: &File) -> CoreResult<()> {
+    fn run(
+        &self,
+        fd: &File,
+        what: &'static str,
+        flush: impl Fn(&File) -> nix::Result<()>,
+    ) -> CoreResult<()> {
         let mut st = self.state.lock().unwrap();
         st.issued += 1;
         let ticket = st.issued;
@@ -282,7 +303,7 @@ impl GroupSync {
             if st.completed >= ticket {
                 return match st.last_error {
                     Some((upto, errno)) if upto >= ticket => Err(CoreError::io(
-                        "syncfs",
+                        what,
                         std::io::Error::from_raw_os_error(errno),
                     )),
                     _ => Ok(()),
@@ -292,7 +313,7 @@ impl GroupSync {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
-                let result = nix::unistd::syncfs(fd);
+                let result = flush(fd);
                 st = self.state.lock().unwrap();
                 st.running = false;
                 st.completed = covers;

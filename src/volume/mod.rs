@@ -591,7 +591,7 @@ impl Core {
         fs::rename(&volume.path, &doomed)
             .context(|| format!("move {} out of the pool", volume.path.display()))?;
         meta::remove(&pool.meta_path(id))?;
-        pool.sync()?;
+        pool.sync_root_entries()?;
         remove_any(&doomed);
         self.stats_cache.forget(id);
         tracing::info!(volume = id, pool = %pool.name, "volume deleted");
