@@ -525,7 +525,7 @@ async fn main() {
                 phases.extend(
                     w2(
                         &args,
-                        &c,
+                        c,
                         &tag,
                         count.min(100),
                         concurrency.min(8),
