@@ -12,5 +12,7 @@ bash hack/setup.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 bash hack/validate-render.sh
+# Benchmarks build and do a short smoke run (the long runs need --bench).
+cargo test --benches
 # The fault matrix runs one seed here; hack/faults.sh runs more.
-HPC_FAULT_SEED="${HPC_FAULT_SEED:-1}" cargo test --all-targets -- --test-threads 4
+HPC_FAULT_SEED="${HPC_FAULT_SEED:-1}" cargo test --lib --bins --tests -- --test-threads 4
