@@ -1412,3 +1412,55 @@ async fn socket_is_not_world_accessible_and_sigterm_removes_it() {
     }
     assert!(!d.socket.exists(), "socket must be removed on SIGTERM");
 }
+
+/// CSI ephemeral inline volumes: kubelet publishes without CreateVolume.
+#[tokio::test]
+async fn ephemeral_inline_volume_lives_from_publish_to_unpublish() {
+    let mut d = Driver::start().await;
+    let target = d.path("pods/uid/volumes/scratch");
+    let mut context = params(&[
+        ("csi.storage.k8s.io/ephemeral", "true"),
+        ("csi.storage.k8s.io/pod.name", "vm-launcher"),
+        ("size", "1Gi"),
+    ]);
+    let req = NodePublishVolumeRequest {
+        volume_id: "csi-0123456789abcdef".into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(rwo()),
+        volume_context: context.clone(),
+        ..Default::default()
+    };
+    d.c.node.node_publish_volume(req.clone()).await.unwrap();
+    d.c.node.node_publish_volume(req.clone()).await.unwrap();
+    std::fs::write(target.join("scratch"), b"tmp").unwrap();
+    assert!(d.pool().join("csi-0123456789abcdef/scratch").exists());
+    let v =
+        d.c.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "csi-0123456789abcdef".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(v.volume.unwrap().capacity_bytes, GIB);
+    d.c.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "csi-0123456789abcdef".into(),
+            target_path: target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !d.pool().join("csi-0123456789abcdef").exists(),
+        "ephemeral volume removed with its last publish"
+    );
+    assert!(!target.exists());
+    // Image layout cannot work without staging.
+    context.insert("layout".into(), "image".into());
+    let mut bad = req;
+    bad.volume_context = context;
+    assert_eq!(
+        code(&d.c.node.node_publish_volume(bad).await),
+        Code::InvalidArgument
+    );
+}

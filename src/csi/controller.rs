@@ -139,6 +139,7 @@ fn create(core: &Core, req: CreateVolumeRequest) -> CoreResult<CreateVolumeRespo
         fs_type: mount_fs_type(&req.volume_capabilities),
         params: create_params,
         source: source_of(&req.volume_content_source)?,
+        ephemeral: false,
     };
     let volume = core.create_volume(&request)?;
     Ok(CreateVolumeResponse {

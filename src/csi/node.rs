@@ -12,6 +12,9 @@ use crate::proto::volume_usage::Unit;
 use crate::proto::*;
 use crate::volume::publish::PublishRequest;
 
+/// Set by kubelet in volume_context for CSI ephemeral inline volumes.
+const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
 const ADVERTISED: &[RpcType] = &[
     RpcType::StageUnstageVolume,
     RpcType::GetVolumeStats,
@@ -92,6 +95,9 @@ impl Node for CsiService {
                 .as_ref()
                 .and_then(|m| AccessMode::try_from(m.mode).ok())
                 .unwrap_or(AccessMode::Unknown);
+            if req.volume_context.get(EPHEMERAL_KEY).map(String::as_str) == Some("true") {
+                core.ensure_ephemeral(&req.volume_id, mode, &req.volume_context)?;
+            }
             core.publish(&PublishRequest {
                 volume_id: req.volume_id.clone(),
                 target: PathBuf::from(&req.target_path),

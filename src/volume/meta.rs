@@ -61,6 +61,9 @@ pub struct VolumeMeta {
     pub source: Option<ContentSource>,
     #[serde(default)]
     pub created_unix: u64,
+    /// A CSI ephemeral inline volume: made at publish, removed at unpublish.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 fn default_block_size() -> u32 {
@@ -90,6 +93,7 @@ impl VolumeMeta {
             preallocated: false,
             source: None,
             created_unix: 0,
+            ephemeral: false,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct CreateRequest {
     pub fs_type: Option<String>,
     pub params: CreateParams,
     pub source: Option<ContentSource>,
+    /// Made by NodePublishVolume for an inline ephemeral volume.
+    pub ephemeral: bool,
 }
 
 /// The outcome of an expansion.
@@ -327,6 +329,7 @@ impl Core {
             preallocated: req.params.preallocate,
             source: req.source.clone(),
             created_unix: now_unix(),
+            ephemeral: req.ephemeral,
         };
         let staged = pool.tmp_path(&req.name, "create");
         let result = self.build_volume(pool, &mut meta, &staged);

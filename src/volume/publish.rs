@@ -299,6 +299,51 @@ impl Core {
         })
     }
 
+    /// Creates the volume behind an inline ephemeral publish (kubelet calls
+    /// NodePublishVolume with no CreateVolume). Its attributes are read like
+    /// StorageClass parameters, plus `size`. Idempotent.
+    pub fn ensure_ephemeral(
+        &self,
+        id: &str,
+        mode: VolumeMode,
+        attributes: &std::collections::HashMap<String, String>,
+    ) -> CoreResult<()> {
+        validate_name("volume_id", id)?;
+        if mode != VolumeMode::Filesystem {
+            return Err(CoreError::InvalidArgument(
+                "ephemeral inline volumes are Filesystem volumes".into(),
+            ));
+        }
+        let params = super::CreateParams::parse(attributes)?;
+        if params.layout == Some(Layout::Image) {
+            return Err(CoreError::InvalidArgument(
+                "ephemeral inline volumes cannot use layout: image (kubelet does not stage them)"
+                    .into(),
+            ));
+        }
+        let size = match attributes.get("size") {
+            Some(q) => crate::config::cr::parse_quantity(q)
+                .and_then(|b| i64::try_from(b).ok())
+                .ok_or_else(|| {
+                    CoreError::InvalidArgument(format!(
+                        "volume attribute size {q:?} is not a quantity"
+                    ))
+                })?,
+            None => 0,
+        };
+        self.create_volume(&super::CreateRequest {
+            name: id.to_owned(),
+            required_bytes: size,
+            limit_bytes: 0,
+            mode,
+            fs_type: None,
+            params,
+            source: None,
+            ephemeral: true,
+        })?;
+        Ok(())
+    }
+
     pub fn publish(&self, req: &PublishRequest) -> CoreResult<()> {
         validate_name("volume_id", &req.volume_id)?;
         require_absolute("target_path", &req.target)?;
@@ -446,6 +491,10 @@ impl Core {
         if let Some(volume) = volume {
             if volume.meta.layout == Layout::File {
                 self.release_if_unused(&volume.path)?;
+            }
+            if volume.meta.ephemeral && self.publications(&volume)?.is_empty() {
+                drop(_guard);
+                self.delete_volume(id)?;
             }
         }
         if was_mounted {
