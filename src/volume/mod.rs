@@ -338,13 +338,23 @@ impl Core {
             return Err(e);
         }
         let path = pool.volume_path(&req.name);
-        // One flush covers both steps: journaling filesystems keep metadata
-        // operations in order, so after a crash the volume is never in place
-        // without its metadata file; a metadata file whose content did not
-        // reach the disk belongs to an unacknowledged create and start-up
-        // rolls it back (see `sweep_orphan_metadata`).
+        // Journaling filesystems keep metadata operations in order, so after
+        // a crash the volume is never in place without its metadata file.
+        // A volume that holds no data of its own (an empty directory or a
+        // sparse file) needs only its metadata file's content and the names
+        // to be durable: an fdatasync of that file, then one grouped fsync
+        // of the pool root, which neither waits for other tenants' dirty
+        // data nor walks every inode as syncfs does. Anything that wrote
+        // data (clones, images, zero-filled preallocation) takes a syncfs.
+        let holds_no_data = meta.source.is_none()
+            && (meta.layout == Layout::Directory
+                || (meta.layout == Layout::File && !meta.preallocated));
         let publish = (|| {
-            meta::write_atomic(&pool.meta_path(&req.name), &meta)?;
+            if holds_no_data {
+                meta::write_durable(&pool.meta_path(&req.name), &meta)?;
+            } else {
+                meta::write_atomic(&pool.meta_path(&req.name), &meta)?;
+            }
             nix::fcntl::renameat2(
                 nix::fcntl::AT_FDCWD,
                 &staged,
@@ -353,7 +363,11 @@ impl Core {
                 nix::fcntl::RenameFlags::RENAME_NOREPLACE,
             )
             .context(|| format!("move new volume into place at {}", path.display()))?;
-            pool.sync()
+            if holds_no_data {
+                pool.sync_root_entries()
+            } else {
+                pool.sync()
+            }
         })();
         if let Err(e) = publish {
             remove_any(&staged);
