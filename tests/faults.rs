@@ -673,3 +673,40 @@ async fn enospc_in_a_tiny_pool_leaves_nothing_behind() {
     );
     drop(d);
 }
+
+/// What a power cut can leave of an unacknowledged create: its metadata
+/// file with no content, or metadata without a volume. Start-up rolls both
+/// back and keeps complete volumes and the Go driver's bare directories.
+#[tokio::test]
+async fn start_up_rolls_back_creates_cut_off_before_their_flush() {
+    let mut d = Driver::start().await;
+    d.c.controller
+        .create_volume(create_req("pvc-whole", GIB, rwo()))
+        .await
+        .unwrap();
+    d.kill9();
+    let pool = d.pool().to_path_buf();
+    std::fs::create_dir(pool.join("pvc-torn")).unwrap();
+    std::fs::write(pool.join(".hostpath-csi/volumes/pvc-torn.json"), b"").unwrap();
+    std::fs::write(
+        pool.join(".hostpath-csi/volumes/pvc-ghost.json"),
+        br#"{"id":"pvc-ghost"}"#,
+    )
+    .unwrap();
+    std::fs::create_dir(pool.join("pvc-go-driver")).unwrap();
+    d.restart().await;
+    assert!(!pool.join("pvc-torn").exists());
+    assert!(!pool.join(".hostpath-csi/volumes/pvc-torn.json").exists());
+    assert!(!pool.join(".hostpath-csi/volumes/pvc-ghost.json").exists());
+    let ids: Vec<String> =
+        d.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect();
+    assert_eq!(ids, ["pvc-go-driver", "pvc-whole"]);
+}
