@@ -276,36 +276,9 @@ fn fill_pattern(path: &Path) -> Vec<u8> {
 /// Every invariant that must hold after a crash and restart.
 async fn check_invariants(d: &mut Driver, model: &Model, chunk: &[u8], context: &str) {
     let pool = d.pool().to_path_buf();
-    let tmp: Vec<_> = std::fs::read_dir(pool.join(".hostpath-csi/tmp"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(
-        tmp.is_empty(),
-        "{context}: leftovers in tmp after start-up: {tmp:?}"
-    );
-    let list =
-        d.c.controller
-            .list_volumes(ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-    for e in &list.entries {
-        let v = e.volume.as_ref().unwrap();
-        let path = pool.join(&v.volume_id);
-        let meta = std::fs::metadata(&path).unwrap_or_else(|e| {
-            panic!(
-                "{context}: listed {} has no backing store: {e}",
-                v.volume_id
-            )
-        });
-        assert!(
-            pool.join(format!(".hostpath-csi/volumes/{}.json", v.volume_id))
-                .exists(),
-            "{context}: listed volume {} has no metadata (half-done)",
-            v.volume_id
-        );
+    let (volumes, snapshots) = check_nothing_half_done(d, model, context).await;
+    for v in &volumes {
+        let meta = std::fs::metadata(pool.join(&v.volume_id)).unwrap();
         if meta.is_file() {
             assert_eq!(
                 meta.len() as i64,
@@ -315,39 +288,9 @@ async fn check_invariants(d: &mut Driver, model: &Model, chunk: &[u8], context: 
             );
         }
     }
-    for name in model.volumes.keys() {
-        assert!(
-            list.entries
-                .iter()
-                .any(|e| &e.volume.as_ref().unwrap().volume_id == name),
-            "{context}: acknowledged volume {name} is missing"
-        );
-    }
-    let snaps =
-        d.c.controller
-            .list_snapshots(ListSnapshotsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-    for s in &snaps.entries {
-        let s = s.snapshot.as_ref().unwrap();
-        let data = pool
-            .join(".hostpath-csi/snapshots")
-            .join(&s.snapshot_id)
-            .join("data");
-        assert_eq!(
-            std::fs::metadata(&data).unwrap().len() as i64,
-            s.size_bytes,
-            "{context}: snapshot {} is partial",
-            s.snapshot_id
-        );
-    }
     for name in &model.snapshots {
         assert!(
-            snaps
-                .entries
-                .iter()
-                .any(|e| &e.snapshot.as_ref().unwrap().snapshot_id == name),
+            snapshots.iter().any(|s| &s.snapshot_id == name),
             "{context}: snapshot {name} lost"
         );
     }
@@ -488,6 +431,24 @@ async fn kill9_matrix() {
 /// After a crash and before the retry, the interrupted operation may or may
 /// not have taken effect, so only the "nothing half-done" part is checked.
 async fn check_invariants_relaxed(d: &mut Driver, model: &Model, op: &Op, context: &str) {
+    check_nothing_half_done(d, model, context).await;
+    // Published volumes stay usable through the crash.
+    for (name, target) in &model.published {
+        if matches!(op, Op::Unpublish(n) if n == name) {
+            continue;
+        }
+        assert!(target.exists(), "{context}: {name} target vanished");
+    }
+}
+
+/// Holds at every moment after a restart: the temp area is swept, every
+/// listed volume has its backing store and metadata, every volume the model
+/// knows is listed, and every listed snapshot is complete.
+async fn check_nothing_half_done(
+    d: &mut Driver,
+    model: &Model,
+    context: &str,
+) -> (Vec<Volume>, Vec<Snapshot>) {
     let pool = d.pool().to_path_buf();
     let tmp: Vec<_> = std::fs::read_dir(pool.join(".hostpath-csi/tmp"))
         .unwrap()
@@ -498,44 +459,46 @@ async fn check_invariants_relaxed(d: &mut Driver, model: &Model, op: &Op, contex
         tmp.is_empty(),
         "{context}: leftovers in tmp after start-up: {tmp:?}"
     );
-    let list =
+    let volumes: Vec<Volume> =
         d.c.controller
             .list_volumes(ListVolumesRequest::default())
             .await
             .unwrap()
-            .into_inner();
-    for e in &list.entries {
-        let v = e.volume.as_ref().unwrap();
-        let meta = std::fs::metadata(pool.join(&v.volume_id)).unwrap();
-        if meta.is_file() {
-            assert!(
-                meta.len() as i64 >= v.capacity_bytes.min(meta.len() as i64),
-                "{context}"
-            );
-        }
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.volume.unwrap())
+            .collect();
+    for v in &volumes {
+        assert!(
+            std::fs::symlink_metadata(pool.join(&v.volume_id)).is_ok(),
+            "{context}: listed {} has no backing store",
+            v.volume_id
+        );
         assert!(
             pool.join(format!(".hostpath-csi/volumes/{}.json", v.volume_id))
                 .exists(),
-            "{context}: {} half-done",
+            "{context}: listed volume {} has no metadata (half-done)",
             v.volume_id
         );
     }
     for name in model.volumes.keys() {
         assert!(
-            list.entries
-                .iter()
-                .any(|e| &e.volume.as_ref().unwrap().volume_id == name),
-            "{context}: volume {name} lost"
+            volumes.iter().any(|v| &v.volume_id == name),
+            "{context}: acknowledged volume {name} is missing"
         );
     }
-    let snaps =
+    let snapshots: Vec<Snapshot> =
         d.c.controller
             .list_snapshots(ListSnapshotsRequest::default())
             .await
             .unwrap()
-            .into_inner();
-    for s in &snaps.entries {
-        let s = s.snapshot.as_ref().unwrap();
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.snapshot.unwrap())
+            .collect();
+    for s in &snapshots {
         let data = pool
             .join(".hostpath-csi/snapshots")
             .join(&s.snapshot_id)
@@ -547,13 +510,7 @@ async fn check_invariants_relaxed(d: &mut Driver, model: &Model, op: &Op, contex
             s.snapshot_id
         );
     }
-    // Published volumes stay usable through the crash.
-    for (name, target) in &model.published {
-        if matches!(op, Op::Unpublish(n) if n == name) {
-            continue;
-        }
-        assert!(target.exists(), "{context}: {name} target vanished");
-    }
+    (volumes, snapshots)
 }
 
 #[tokio::test]
