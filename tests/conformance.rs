@@ -1464,3 +1464,64 @@ async fn ephemeral_inline_volume_lives_from_publish_to_unpublish() {
         Code::InvalidArgument
     );
 }
+
+/// The GroupController checks csi-sanity makes.
+#[tokio::test]
+async fn group_controller_argument_rules() {
+    let mut d = Driver::start().await;
+    let caps =
+        d.c.group
+            .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(caps.capabilities.len(), 1);
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest::default())
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                name: "g".into(),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument, "no source volumes");
+    let r =
+        d.c.group
+            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest::default())
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    let r =
+        d.c.group
+            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: "fake-vol-id".into(),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::NotFound);
+    let r =
+        d.c.group
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest::default())
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument);
+    let r =
+        d.c.group
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: "fake-vol-id".into(),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::Ok);
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                name: "g".into(),
+                source_volume_ids: vec!["missing-vol".into()],
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::NotFound);
+}
