@@ -39,7 +39,8 @@ ctl unpublish pvc-demo "$demo/pods/pvc-demo"
 ctl list-volumes
 ctl delete-volume pvc-disk
 ctl delete-volume pvc-demo
-echo "demo finished; driver log: $demo/driver.log" >&2
+echo "demo finished; the driver's log (one line per RPC):" >&2
+tail -n 12 "$demo/driver.log" >&2
 if [ "${KEEP_RUNNING:-0}" = 1 ]; then
   echo "driver still running (pid $driver) on unix://$sock" >&2
   trap - EXIT
