@@ -112,16 +112,6 @@ pub fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> CoreResult<Option<T>> 
 /// Writes `value` to `path` atomically: a temp file beside it, then rename.
 /// Durability comes from the caller's pool sync.
 pub fn write_atomic<T: Serialize>(path: &Path, value: &T) -> CoreResult<()> {
-    write_replacing(path, value, false)
-}
-
-/// Like `write_atomic`, with the content flushed before the rename, so the
-/// file is never seen empty after a crash once its directory entry is.
-pub fn write_durable<T: Serialize>(path: &Path, value: &T) -> CoreResult<()> {
-    write_replacing(path, value, true)
-}
-
-fn write_replacing<T: Serialize>(path: &Path, value: &T, flush: bool) -> CoreResult<()> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| CoreError::Internal(format!("encode metadata: {e}")))?;
     let name = path
@@ -132,12 +122,15 @@ fn write_replacing<T: Serialize>(path: &Path, value: &T, flush: bool) -> CoreRes
     let mut file = File::create(&tmp).context(|| format!("create {}", tmp.display()))?;
     file.write_all(&bytes)
         .context(|| format!("write {}", tmp.display()))?;
-    if flush {
-        file.sync_data()
-            .context(|| format!("flush {}", tmp.display()))?;
-    }
     drop(file);
     fs::rename(&tmp, path).context(|| format!("rename {} into place", path.display()))
+}
+
+/// Forces a metadata file's content (and the journal up to it) to disk.
+pub fn flush(path: &Path) -> CoreResult<()> {
+    File::open(path)
+        .and_then(|f| f.sync_data())
+        .context(|| format!("flush {}", path.display()))
 }
 
 /// Removes a metadata file; a missing one is fine.

@@ -341,20 +341,17 @@ impl Core {
         // Journaling filesystems keep metadata operations in order, so after
         // a crash the volume is never in place without its metadata file.
         // A volume that holds no data of its own (an empty directory or a
-        // sparse file) needs only its metadata file's content and the names
-        // to be durable: an fdatasync of that file, then one grouped fsync
-        // of the pool root, which neither waits for other tenants' dirty
-        // data nor walks every inode as syncfs does. Anything that wrote
-        // data (clones, images, zero-filled preallocation) takes a syncfs.
+        // sparse file) is made durable by one fdatasync of its metadata
+        // file, written last: that commit carries both renames, and the
+        // kernel batches concurrent ones. Cut off before it, the metadata
+        // file is empty and start-up rolls the create back. Anything that
+        // wrote data (clones, images, zero-filled preallocation) takes a
+        // grouped syncfs.
         let holds_no_data = meta.source.is_none()
             && (meta.layout == Layout::Directory
                 || (meta.layout == Layout::File && !meta.preallocated));
         let publish = (|| {
-            if holds_no_data {
-                meta::write_durable(&pool.meta_path(&req.name), &meta)?;
-            } else {
-                meta::write_atomic(&pool.meta_path(&req.name), &meta)?;
-            }
+            meta::write_atomic(&pool.meta_path(&req.name), &meta)?;
             nix::fcntl::renameat2(
                 nix::fcntl::AT_FDCWD,
                 &staged,
@@ -364,7 +361,10 @@ impl Core {
             )
             .context(|| format!("move new volume into place at {}", path.display()))?;
             if holds_no_data {
-                pool.sync_root_entries()
+                // The metadata file's data is written last; forcing it to
+                // disk commits the journal up to that point, which holds
+                // both renames: one commit per create, batched by the kernel.
+                meta::flush(&pool.meta_path(&req.name))
             } else {
                 pool.sync()
             }
