@@ -195,7 +195,7 @@ impl Core {
         let flags = mount::parse_mount_flags(mount_flags)?;
         let _guard = LOOP_LOCK.lock().unwrap();
         if let Some(m) = mount::mount_at(staging)? {
-            if self.is_mount_of(&volume, &m, Some(staging))? {
+            if self.is_mount_of(&volume, &m)? {
                 return Ok(());
             }
             return Err(CoreError::AlreadyExists(format!(
@@ -271,12 +271,7 @@ impl Core {
     }
 
     /// True when the mount at `target` is this volume's.
-    fn is_mount_of(
-        &self,
-        volume: &Volume,
-        m: &MountInfo,
-        staging: Option<&Path>,
-    ) -> CoreResult<bool> {
+    fn is_mount_of(&self, volume: &Volume, m: &MountInfo) -> CoreResult<bool> {
         Ok(match volume.meta.layout {
             Layout::Directory => {
                 let mounts = mount::mounts()?;
@@ -284,7 +279,6 @@ impl Core {
                     .is_some_and(|(ma, mi, root)| m.major == ma && m.minor == mi && m.root == root)
             }
             Layout::Image => {
-                let _ = staging;
                 m.major == LOOP_MAJOR
                     && block::find_attached_devices(&volume.path)?
                         .iter()
@@ -365,7 +359,7 @@ impl Core {
             .is_file()
             .then(|| LOOP_LOCK.lock().unwrap());
         if let Some(existing) = mount::mount_at(&req.target)? {
-            if !self.is_mount_of(&volume, &existing, req.staging.as_deref())? {
+            if !self.is_mount_of(&volume, &existing)? {
                 return Err(CoreError::AlreadyExists(format!(
                     "{} already has something else mounted",
                     req.target.display()
@@ -413,7 +407,7 @@ impl Core {
                     ))
                 })?;
                 let staged = mount::mount_at(staging)?
-                    .map(|m| self.is_mount_of(&volume, &m, Some(staging)))
+                    .map(|m| self.is_mount_of(&volume, &m))
                     .transpose()?
                     .unwrap_or(false);
                 if !staged {
