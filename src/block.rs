@@ -70,6 +70,31 @@ fn zeroed_info() -> LoopInfo64 {
     }
 }
 
+const LOOP_CONTROL: &str = "/dev/loop-control";
+
+fn open_loop_control(path: &Path) -> CoreResult<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                CoreError::FailedPrecondition(format!(
+                    "loop devices are unavailable on this node ({e} opening {}): Block and image volumes need the loop module and a privileged driver",
+                    path.display()
+                ))
+            }
+            _ => CoreError::io(format!("open {}", path.display()), e),
+        })
+}
+
+/// Checks that this node can attach loop devices at all, so a Block or
+/// image volume is refused at CreateVolume rather than at publish.
+pub fn check_loop_support() -> CoreResult<()> {
+    open_loop_control(Path::new(LOOP_CONTROL)).map(drop)
+}
+
 /// How to attach a file.
 #[derive(Debug, Clone, Copy)]
 pub struct AttachOptions {
@@ -207,19 +232,7 @@ pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(file)
         .context(|| format!("open {}", file.display()))?;
-    let control = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/loop-control")
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                CoreError::FailedPrecondition(format!(
-                    "loop devices are unavailable on this node ({e} opening /dev/loop-control): load the loop module and run the driver privileged"
-                ))
-            }
-            _ => CoreError::io("open /dev/loop-control", e),
-        })?;
+    let control = open_loop_control(Path::new(LOOP_CONTROL))?;
     let mut direct_io = opts.direct_io;
     let mut legacy = false;
     for _attempt in 0..256 {
@@ -413,4 +426,19 @@ fn fill_holes_with_zeroes(file: &File, len: u64) -> std::io::Result<()> {
         offset = data;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_loop_control_is_a_failed_precondition_that_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = open_loop_control(&dir.path().join("loop-control")).unwrap_err();
+        assert!(
+            matches!(&e, CoreError::FailedPrecondition(m) if m.contains("loop")),
+            "{e}"
+        );
+    }
 }

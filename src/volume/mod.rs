@@ -297,6 +297,9 @@ impl Core {
         let _lock = self.lock("volume", &req.name)?;
         let pool = self.pool(req.params.storage_pool.as_deref())?;
         let layout = req.params.layout_for(req.mode)?;
+        if layout.is_file() {
+            block::check_loop_support()?;
+        }
         let fs_type = match layout {
             Layout::Image => Some(xfs::check_fs_type(req.fs_type.as_deref())?),
             _ => None,
