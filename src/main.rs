@@ -55,6 +55,11 @@ struct ServeArgs {
     /// Serve Prometheus metrics here (e.g. 127.0.0.1:8080); off by default.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Do not advertise ControllerExpandVolume: with one cluster-wide
+    /// csi-resizer, expansion then happens in NodeExpandVolume on the
+    /// volume's node (what `render` deploys).
+    #[arg(long)]
+    node_only_expansion: bool,
 }
 
 fn load_pools(args: &ServeArgs) -> Result<Vec<PoolConfig>, String> {
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
                     version: args.driver_version,
                     pools,
                     metrics_addr: args.metrics_addr,
+                    node_only_expansion: args.node_only_expansion,
                 },
                 shutdown_signal(),
             )

@@ -26,6 +26,7 @@ pub struct ServeOptions {
     pub version: String,
     pub pools: Vec<PoolConfig>,
     pub metrics_addr: Option<SocketAddr>,
+    pub node_only_expansion: bool,
 }
 
 /// `unix:///csi/csi.sock`, `unix:/csi/csi.sock` or a bare path.
@@ -96,12 +97,13 @@ pub async fn serve(
             }
         });
     }
-    let service = CsiService::new(
+    let mut service = CsiService::new(
         core,
         opts.driver_name.clone(),
         opts.version.clone(),
         metrics,
     );
+    service.node_only_expansion = opts.node_only_expansion;
     let listener = bind_socket(&path)?;
     tracing::info!(endpoint = %path.display(), driver = %opts.driver_name, node = %opts.node_id, "CSI server listening");
     let result = tonic::transport::Server::builder()

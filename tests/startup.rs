@@ -145,3 +145,107 @@ async fn stale_socket_is_replaced_and_cr_pools_serve_from_csi_subdir() {
         "misplaced workload must be warned about: {log}"
     );
 }
+
+/// `--node-only-expansion` (what `render` deploys): no controller expansion
+/// is advertised, and NodeExpandVolume alone grows the volume.
+#[tokio::test]
+async fn node_only_expansion_hides_controller_expansion() {
+    use hostpath_csi::proto::controller_service_capability::rpc::Type as Cap;
+    let dir = tempfile::Builder::new()
+        .prefix("hpc-test-")
+        .tempdir()
+        .unwrap();
+    let sock = dir.path().join("csi.sock");
+    let datadir = format!(
+        r#"[{{"name":"p","path":"{}"}}]"#,
+        dir.path().join("pool").display()
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_hostpath-csi"))
+        .args([
+            "serve",
+            "--nodeid",
+            "n1",
+            "--node-only-expansion",
+            "--datadir",
+            &datadir,
+            "--endpoint",
+        ])
+        .arg(format!("unix://{}", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(child);
+    let mut c = None;
+    for _ in 0..200 {
+        if sock.exists() {
+            if let Ok(cl) =
+                hostpath_csi::client::Clients::connect(&format!("unix://{}", sock.display())).await
+            {
+                c = Some(cl);
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let mut c = c.expect("driver did not start");
+    let caps = c
+        .controller
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let types: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    assert!(!types.contains(&(Cap::ExpandVolume as i32)));
+    assert!(types.contains(&(Cap::CreateDeleteVolume as i32)));
+    c.controller
+        .create_volume(create_req("pvc-grow", GIB, rwo()))
+        .await
+        .unwrap();
+    let target = dir.path().join("t");
+    c.node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            target_path: target.to_string_lossy().into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = c
+        .node
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            volume_path: target.to_string_lossy().into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 2 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 2 * GIB);
+    c.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            target_path: target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+}

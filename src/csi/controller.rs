@@ -305,6 +305,7 @@ impl Controller for CsiService {
         Ok(Response::new(ControllerGetCapabilitiesResponse {
             capabilities: ADVERTISED
                 .iter()
+                .filter(|t| !(self.node_only_expansion && **t == RpcType::ExpandVolume))
                 .map(|t| ControllerServiceCapability {
                     r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
                 })

@@ -26,6 +26,9 @@ pub struct CsiService {
     pub driver_name: String,
     pub version: String,
     pub metrics: Arc<Metrics>,
+    /// Leave controller expansion unadvertised, so a cluster-wide resizer
+    /// hands every expansion to NodeExpandVolume on the volume's own node.
+    pub node_only_expansion: bool,
 }
 
 impl CsiService {
@@ -40,6 +43,7 @@ impl CsiService {
             driver_name,
             version,
             metrics,
+            node_only_expansion: false,
         }
     }
 

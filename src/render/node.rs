@@ -248,6 +248,7 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
             "--nodeid", "$(NODE_NAME)",
             "--drivername", DEFAULT_DRIVER_NAME,
             "--datadir", datadir,
+            "--node-only-expansion",
         ],
         "env": [env_field("NODE_NAME", "spec.nodeName")],
         "securityContext": {"privileged": true},
