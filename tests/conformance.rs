@@ -1525,3 +1525,121 @@ async fn group_controller_argument_rules() {
             .await;
     assert_eq!(code(&r), Code::NotFound);
 }
+
+/// csi-sanity's node flow with `--csi.testvolumeaccesstype=block`.
+#[tokio::test]
+async fn node_full_cycle_with_block_access() {
+    let mut d = Driver::start().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut req = exact("pvc-node-block", SIZE);
+    req.volume_capabilities = vec![cap.clone()];
+    let v =
+        d.c.controller
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let mount_dir = d.path("csi-mount");
+    let staging = d.path("csi-staging");
+    std::fs::create_dir(&mount_dir).unwrap();
+    std::fs::create_dir(&staging).unwrap();
+    let target = mount_dir.join("target");
+    for _ in 0..10 {
+        d.c.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.to_string_lossy().into(),
+                volume_capability: Some(cap.clone()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let publish = NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: target.to_string_lossy().into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(cap.clone()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    for _ in 0..10 {
+        d.c.node.node_publish_volume(publish.clone()).await.unwrap();
+    }
+    assert_eq!(
+        mounts_under(&target).len(),
+        1,
+        "repeated publish must not stack mounts"
+    );
+    assert_eq!(loops_under(d.pool()).len(), 1);
+    let stats =
+        d.c.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: target.to_string_lossy().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(stats.usage[0].total, SIZE);
+    let r =
+        d.c.controller
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: SIZE + GIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(r.capacity_bytes, SIZE + GIB);
+    assert!(r.node_expansion_required);
+    let r =
+        d.c.node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: target.to_string_lossy().into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: SIZE + GIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(r.capacity_bytes, SIZE + GIB);
+    d.c.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !target.exists(),
+        "unpublish must remove the file it created"
+    );
+    d.c.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    assert!(loops_under(d.pool()).is_empty());
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
