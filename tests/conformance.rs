@@ -1643,3 +1643,114 @@ async fn node_full_cycle_with_block_access() {
         .await
         .unwrap();
 }
+
+/// csi-sanity's node flow with `--csi.testvolumeparameters` asking for
+/// `layout: image` (a loop-mounted XFS with a hard size limit).
+#[tokio::test]
+async fn node_full_cycle_with_image_layout() {
+    let mut d = Driver::start().await;
+    let mut req = exact("pvc-node-image", SIZE);
+    req.parameters = params(&[("layout", "image")]);
+    let v =
+        d.c.controller
+            .create_volume(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    assert_eq!(v.capacity_bytes, SIZE);
+    // Creating it again returns the same volume.
+    d.c.controller.create_volume(req).await.unwrap();
+    let staging = d.path("csi-staging");
+    let mount_dir = d.path("csi-mount");
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::create_dir(&mount_dir).unwrap();
+    let target = mount_dir.join("target");
+    let stage = NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(rwo()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    for _ in 0..10 {
+        d.c.node.node_stage_volume(stage.clone()).await.unwrap();
+    }
+    let publish = NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: target.to_string_lossy().into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(rwo()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    for _ in 0..10 {
+        d.c.node.node_publish_volume(publish.clone()).await.unwrap();
+    }
+    assert_eq!(mounts_under(&target).len(), 1);
+    std::fs::write(target.join("f"), b"inside the image").unwrap();
+    let stats =
+        d.c.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: target.to_string_lossy().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(stats.usage[0].total > SIZE * 9 / 10 && stats.usage[0].total <= SIZE);
+    d.c.controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: SIZE + GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    d.c.node
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.to_string_lossy().into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: SIZE + GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fs_size = nix::sys::statvfs::statvfs(&target).unwrap();
+    assert!(
+        fs_size.blocks() * fs_size.fragment_size() > SIZE as u64,
+        "the filesystem grew online"
+    );
+    d.c.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    assert!(!target.exists());
+    d.c.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    assert!(mounts_under(d.dir.path()).is_empty());
+    assert!(loops_under(d.pool()).is_empty());
+    d.c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
