@@ -71,6 +71,24 @@ enum Workload {
         #[arg(long, default_value = "/tmp/csi-bench-targets")]
         target_dir: PathBuf,
     },
+    /// W3 clone: a Block source with `--data-mib` of data spread over it,
+    /// then `-k` clones of it (CreateVolume with a volume source).
+    W3 {
+        #[arg(short = 'k', long, default_value_t = 5)]
+        count: usize,
+        #[arg(long, default_value_t = 1024)]
+        data_mib: u64,
+        #[arg(long, default_value = "/tmp/csi-bench-targets")]
+        target_dir: PathBuf,
+    },
+    /// W4 block I/O: sequential O_DIRECT write then read of `--mib` through
+    /// a published Block volume (bs 1 MiB).
+    W4 {
+        #[arg(long, default_value_t = 2048)]
+        mib: u64,
+        #[arg(long, default_value = "/tmp/csi-bench-targets")]
+        target_dir: PathBuf,
+    },
     /// W1 then W2, repeated for a duration (soak), printing RSS and fd trends.
     Soak {
         #[arg(long, default_value_t = 60)]
@@ -425,6 +443,197 @@ fn baseline(dir: &Path, count: usize, concurrency: usize) -> Vec<Phase> {
     vec![create, delete]
 }
 
+/// A 1 MiB buffer aligned for O_DIRECT, filled with a pattern (touched
+/// before any timing, as this VM charges for first touches).
+struct AlignedBuffer {
+    raw: Vec<u8>,
+    offset: usize,
+}
+
+impl AlignedBuffer {
+    const LEN: usize = 1 << 20;
+
+    fn new() -> Self {
+        let mut raw = vec![0u8; Self::LEN + 4096];
+        let offset = raw.as_ptr().align_offset(4096);
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        AlignedBuffer { raw, offset }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.offset..self.offset + Self::LEN]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.offset..self.offset + Self::LEN]
+    }
+}
+
+/// Writes then reads `mib` MiB sequentially with O_DIRECT; MB/s each way.
+fn direct_io(path: &Path, mib: u64, stride_mib: u64) -> (f64, f64) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let buf = AlignedBuffer::new();
+    let mut read_buf = AlignedBuffer::new();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open the published device");
+    let started = Instant::now();
+    for i in 0..mib {
+        file.write_all_at(buf.bytes(), (i * stride_mib) << 20)
+            .expect("write");
+    }
+    let write = (mib << 20) as f64 / started.elapsed().as_secs_f64() / 1e6;
+    let started = Instant::now();
+    for i in 0..mib {
+        file.read_exact_at(read_buf.bytes_mut(), (i * stride_mib) << 20)
+            .expect("read");
+    }
+    let read = (mib << 20) as f64 / started.elapsed().as_secs_f64() / 1e6;
+    (write, read)
+}
+
+/// Creates and publishes a Block volume; returns its target path.
+async fn published_block(c: &Clients, name: &str, size: i64, dir: &Path) -> PathBuf {
+    let (mut ctrl, mut node) = (c.controller.clone(), c.node.clone());
+    ctrl.create_volume(CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![capability(true)],
+        ..Default::default()
+    })
+    .await
+    .expect("create the Block volume");
+    std::fs::create_dir_all(dir).expect("create target dir");
+    let target = dir.join(name);
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: name.into(),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(capability(true)),
+        ..Default::default()
+    })
+    .await
+    .expect("publish the Block volume");
+    target
+}
+
+async fn release(c: &Clients, name: &str, target: &Path) {
+    let (mut ctrl, mut node) = (c.controller.clone(), c.node.clone());
+    let _ = node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: name.into(),
+            target_path: target.to_string_lossy().into_owned(),
+        })
+        .await;
+    let _ = ctrl
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: name.into(),
+            ..Default::default()
+        })
+        .await;
+}
+
+async fn w3(
+    c: &Clients,
+    run: &str,
+    count: usize,
+    data_mib: u64,
+    dir: &Path,
+) -> (Vec<Phase>, serde_json::Value) {
+    // Data in 16 runs spread over a file 10x its size, as a VM disk image.
+    let size = ((data_mib.max(16) * 10) as i64) << 20;
+    let source = format!("bench-{run}-w3src");
+    let target = published_block(c, &source, size, dir).await;
+    let runs = 16;
+    let per_run = data_mib.max(16) / runs;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .expect("open source");
+        let buf = AlignedBuffer::new();
+        for r in 0..runs {
+            for m in 0..per_run {
+                file.write_all_at(buf.bytes(), ((r * (size as u64 >> 20) / runs) + m) << 20)
+                    .expect("fill");
+            }
+        }
+        file.sync_all().expect("flush source");
+    }
+    release_publish_only(c, &source, &target).await;
+    let ctrl = c.controller.clone();
+    let (src, run_s) = (source.clone(), run.to_owned());
+    let phase = run_phase("clone", count, 1, move |i| {
+        let mut ctrl = ctrl.clone();
+        let req = CreateVolumeRequest {
+            name: format!("bench-{run_s}-w3clone-{i}"),
+            capacity_range: Some(CapacityRange {
+                required_bytes: size,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability(true)],
+            volume_content_source: Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Volume(
+                    volume_content_source::VolumeSource {
+                        volume_id: src.clone(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        };
+        async move { ctrl.create_volume(req).await.map(|_| ()) }
+    })
+    .await;
+    let mut ctrl = c.controller.clone();
+    for i in 0..count {
+        let _ = ctrl
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: format!("bench-{run}-w3clone-{i}"),
+                ..Default::default()
+            })
+            .await;
+    }
+    let _ = ctrl
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: source,
+            ..Default::default()
+        })
+        .await;
+    (
+        vec![phase],
+        json!({"virtual_mib": size >> 20, "data_mib": per_run * runs}),
+    )
+}
+
+async fn release_publish_only(c: &Clients, name: &str, target: &Path) {
+    let mut node = c.node.clone();
+    let _ = node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: name.into(),
+            target_path: target.to_string_lossy().into_owned(),
+        })
+        .await;
+}
+
+async fn w4(c: &Clients, run: &str, mib: u64, dir: &Path) -> serde_json::Value {
+    let name = format!("bench-{run}-w4");
+    let target = published_block(c, &name, (mib as i64) << 20, dir).await;
+    let t = target.clone();
+    let (write, read) = tokio::task::spawn_blocking(move || direct_io(&t, mib, 1))
+        .await
+        .expect("I/O task");
+    release(c, &name, &target).await;
+    json!({"mib": mib, "write_mb_s": write.round(), "read_mb_s": read.round()})
+}
+
 fn report(workload: &str, phases: &[Phase], extra: serde_json::Value) {
     let line = json!({
         "workload": workload,
@@ -509,6 +718,24 @@ async fn main() {
                     "driver_peak_rss_kib": peak.load(Ordering::Relaxed),
                 }),
             );
+        }
+        Workload::W3 {
+            count,
+            data_mib,
+            target_dir,
+        } => {
+            let (phases, mut extra) = w3(&c[0], &run, count, data_mib, &target_dir).await;
+            stop.store(true, Ordering::Relaxed);
+            let _ = sampler.await;
+            extra["driver_peak_rss_kib"] = json!(peak.load(Ordering::Relaxed));
+            report("W3", &phases, extra);
+        }
+        Workload::W4 { mib, target_dir } => {
+            let extra = w4(&c[0], &run, mib, &target_dir).await;
+            stop.store(true, Ordering::Relaxed);
+            let _ = sampler.await;
+            println!("{}", json!({"workload": "W4", "extra": extra}));
+            eprintln!("W4 block I/O through a published volume: {extra}");
         }
         Workload::Soak {
             seconds,
