@@ -135,10 +135,6 @@ async fn settled_loops(root: &Path) -> Vec<PathBuf> {
     settled_loops_but(root, 0).await
 }
 
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
 fn block_cap_rw() -> VolumeCapability {
     block_cap(Mode::SingleNodeWriter)
 }
@@ -166,28 +162,6 @@ fn publish_req(
         target_path: s(target),
         volume_capability: Some(cap),
         readonly,
-        ..Default::default()
-    }
-}
-
-fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
-    NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: s(target),
-    }
-}
-
-fn delete_req(id: &str) -> DeleteVolumeRequest {
-    DeleteVolumeRequest {
-        volume_id: id.into(),
-        ..Default::default()
-    }
-}
-
-fn stats_req(id: &str, path: &Path) -> NodeGetVolumeStatsRequest {
-    NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: s(path),
         ..Default::default()
     }
 }

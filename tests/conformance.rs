@@ -717,11 +717,7 @@ async fn node_full_cycle_with_stats_and_idempotency() {
     );
     let stats =
         d.c.node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.to_string_lossy().into(),
-                ..Default::default()
-            })
+            .node_get_volume_stats(stats_req(&v.volume_id, &target))
             .await
             .unwrap()
             .into_inner();
@@ -745,10 +741,7 @@ async fn node_full_cycle_with_stats_and_idempotency() {
     assert_eq!(code(&r), Code::NotFound);
     for _ in 0..2 {
         d.c.node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                target_path: target.to_string_lossy().into(),
-            })
+            .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
             .await
             .unwrap();
     }
@@ -758,19 +751,13 @@ async fn node_full_cycle_with_stats_and_idempotency() {
     );
     for _ in 0..2 {
         d.c.node
-            .node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-            })
+            .node_unstage_volume(unstage_req(&v.volume_id, &staging))
             .await
             .unwrap();
     }
     assert!(mounts_under(d.dir.path()).is_empty());
     d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: v.volume_id,
-            ..Default::default()
-        })
+        .delete_volume(delete_req(&v.volume_id))
         .await
         .unwrap();
     assert!(std::fs::read_dir(&mount_dir).unwrap().next().is_none());
@@ -1577,11 +1564,7 @@ async fn node_full_cycle_with_block_access() {
     assert_eq!(loops_under(d.pool()).len(), 1);
     let stats =
         d.c.node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.to_string_lossy().into(),
-                ..Default::default()
-            })
+            .node_get_volume_stats(stats_req(&v.volume_id, &target))
             .await
             .unwrap()
             .into_inner();
@@ -1617,10 +1600,7 @@ async fn node_full_cycle_with_block_access() {
             .into_inner();
     assert_eq!(r.capacity_bytes, SIZE + GIB);
     d.c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            target_path: target.to_string_lossy().into(),
-        })
+        .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
         .await
         .unwrap();
     assert!(
@@ -1628,18 +1608,12 @@ async fn node_full_cycle_with_block_access() {
         "unpublish must remove the file it created"
     );
     d.c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: staging.to_string_lossy().into(),
-        })
+        .node_unstage_volume(unstage_req(&v.volume_id, &staging))
         .await
         .unwrap();
     assert!(loops_under(d.pool()).is_empty());
     d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: v.volume_id,
-            ..Default::default()
-        })
+        .delete_volume(delete_req(&v.volume_id))
         .await
         .unwrap();
 }
@@ -1692,11 +1666,7 @@ async fn node_full_cycle_with_image_layout() {
     std::fs::write(target.join("f"), b"inside the image").unwrap();
     let stats =
         d.c.node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.to_string_lossy().into(),
-                ..Default::default()
-            })
+            .node_get_volume_stats(stats_req(&v.volume_id, &target))
             .await
             .unwrap()
             .into_inner();
@@ -1730,27 +1700,18 @@ async fn node_full_cycle_with_image_layout() {
         "the filesystem grew online"
     );
     d.c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            target_path: target.to_string_lossy().into(),
-        })
+        .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
         .await
         .unwrap();
     assert!(!target.exists());
     d.c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: staging.to_string_lossy().into(),
-        })
+        .node_unstage_volume(unstage_req(&v.volume_id, &staging))
         .await
         .unwrap();
     assert!(mounts_under(d.dir.path()).is_empty());
     assert!(loops_under(d.pool()).is_empty());
     d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: v.volume_id,
-            ..Default::default()
-        })
+        .delete_volume(delete_req(&v.volume_id))
         .await
         .unwrap();
 }

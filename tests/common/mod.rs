@@ -355,3 +355,37 @@ pub fn tree(root: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// A path as the string a CSI request carries.
+pub fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+pub fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s(target),
+    }
+}
+
+pub fn unstage_req(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: s(staging),
+    }
+}
+
+pub fn delete_req(id: &str) -> DeleteVolumeRequest {
+    DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn stats_req(id: &str, path: &Path) -> NodeGetVolumeStatsRequest {
+    NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: s(path),
+        ..Default::default()
+    }
+}
