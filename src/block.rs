@@ -8,6 +8,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{CoreError, CoreResult, IoContext};
 
@@ -351,6 +352,30 @@ pub fn detach(device: &LoopDevice) -> CoreResult<()> {
             e.into(),
         )),
     }
+}
+
+/// Waits until `device` no longer backs its file. The kernel defers a detach
+/// while anyone holds the device open (udev, blkid, another tool's scan), so
+/// this polls sysfs, never opening the device itself. True once it is gone.
+pub fn wait_detached(device: &LoopDevice, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let gone = attached(device.number).is_none_or(|d| d.backing_file != device.backing_file);
+        if gone {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(device = %device.path.display(), "loop device still held open; its detach stays pending");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Detaches `device` and waits (bounded) for the kernel to finish.
+pub fn detach_and_wait(device: &LoopDevice, timeout: Duration) -> CoreResult<bool> {
+    detach(device)?;
+    Ok(wait_detached(device, timeout))
 }
 
 /// Makes an attached device pick up its backing file's new size.

@@ -284,7 +284,15 @@ pub fn pool_users(target: &Path, logical_target: &Path) -> Result<Vec<String>> {
         }
     }
     for dev in block::list_attached() {
-        if dev.backing_file.starts_with(target) || dev.backing_file.starts_with(logical_target) {
+        let of_pool =
+            dev.backing_file.starts_with(target) || dev.backing_file.starts_with(logical_target);
+        // A detach already requested finishes once a brief opener (udev,
+        // a scan) closes the device; only a device that stays is a user.
+        let detaching = of_pool
+            && dev.autoclear
+            && !block::is_in_use(&dev).unwrap_or(true)
+            && block::wait_detached(&dev, Duration::from_secs(5));
+        if of_pool && !detaching {
             users.push(format!(
                 "{} is backed by {}",
                 dev.path.display(),

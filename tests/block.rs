@@ -1254,6 +1254,32 @@ async fn deferred_detach_is_not_reused() {
     assert!(settled_loops(d.pool()).await.is_empty());
 }
 
+/// Regression: a brief opener of the device (udev, blkid, another driver's
+/// scan) defers the kernel's detach past the unpublish; DeleteVolume right
+/// after must wait for it rather than fail with FAILED_PRECONDITION.
+#[tokio::test]
+async fn delete_right_after_unpublish_waits_for_a_deferred_detach() {
+    let mut d = Driver::start().await;
+    create(&mut d, block_create("pvc-brief", 16 * MIB, &[])).await;
+    let t = d.path("pods/brief");
+    publish_block(&mut d, "pvc-brief", &t, false).await;
+    let n = loop_of(&t);
+    let held = File::open(format!("/dev/loop{n}")).unwrap();
+    unpublish(&mut d, "pvc-brief", &t).await;
+    assert_eq!(sysfs(n, "loop/autoclear"), "1", "detach must be pending");
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    d.c.controller
+        .delete_volume(delete_req("pvc-brief"))
+        .await
+        .unwrap();
+    closer.join().unwrap();
+    assert!(!d.pool().join("pvc-brief").exists());
+    assert!(loops_under(d.pool()).is_empty());
+}
+
 /// A crash between attach and bind mount leaves a device with no mount;
 /// the CO's retried publish reuses it, or its unpublish releases it.
 #[tokio::test]

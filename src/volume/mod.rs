@@ -600,12 +600,7 @@ impl Core {
         };
         let pool = self.pool_of(&volume)?;
         if volume.meta.layout.is_file() {
-            if let Some(dev) = block::find_attached(&volume.path)? {
-                return Err(CoreError::FailedPrecondition(format!(
-                    "volume {id} is still attached as {}; unpublish it first",
-                    dev.display()
-                )));
-            }
+            self.release_loop_devices(id, &volume.path)?;
         }
         let doomed = pool.tmp_path(id, "delete");
         fs::rename(&volume.path, &doomed)
@@ -615,6 +610,23 @@ impl Core {
         remove_any(&doomed);
         self.stats_cache.forget(id);
         tracing::info!(volume = id, pool = %pool.name, "volume deleted");
+        Ok(())
+    }
+
+    /// Refuses while a mount uses one of the volume's loop devices; otherwise
+    /// detaches the unused ones (left by a crash, or still closing after an
+    /// unpublish) and waits for the kernel to let go of the file.
+    fn release_loop_devices(&self, id: &str, file: &Path) -> CoreResult<()> {
+        for dev in block::find_attached_devices(file)? {
+            let held = block::is_in_use(&dev)?
+                || !block::detach_and_wait(&dev, publish::DELETE_DETACH_WAIT)?;
+            if held {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {id} is still attached as {}; unpublish it first",
+                    dev.path.display()
+                )));
+            }
+        }
         Ok(())
     }
 

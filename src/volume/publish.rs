@@ -20,6 +20,11 @@ use crate::xfs;
 static LOOP_LOCK: Mutex<()> = Mutex::new(());
 
 const LOOP_MAJOR: u32 = 7;
+/// How long unpublish and unstage wait for a deferred loop detach: short, as
+/// kubelet is waiting; the detach completes on its own later.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long DeleteVolume waits before it refuses because a device is held.
+pub(crate) const DELETE_DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct PublishRequest {
@@ -172,7 +177,7 @@ impl Core {
     fn release_if_unused(&self, volume_path: &Path) -> CoreResult<()> {
         for dev in block::find_attached_devices(volume_path)? {
             if !block::is_in_use(&dev)? {
-                block::detach(&dev)?;
+                block::detach_and_wait(&dev, DETACH_WAIT)?;
             }
         }
         Ok(())
@@ -256,7 +261,7 @@ impl Core {
                     .find(|d| d.number == m.minor)
                 {
                     if !block::is_in_use(&dev)? {
-                        block::detach(&dev)?;
+                        block::detach_and_wait(&dev, DETACH_WAIT)?;
                     }
                 }
             }
