@@ -319,7 +319,15 @@ async fn w1(
         async move { ctrl.delete_volume(req).await.map(|_| ()) }
     })
     .await;
-    vec![create, delete]
+    // The floor: the cheapest RPC there is, at the same concurrency, shows
+    // what gRPC and the client cost before the driver does any work.
+    let ids: Vec<_> = cs.iter().map(|c| c.identity.clone()).collect();
+    let floor = run_phase("rpc-floor(probe)", count, concurrency, move |i| {
+        let mut id = ids[i % ids.len()].clone();
+        async move { id.probe(ProbeRequest {}).await.map(|_| ()) }
+    })
+    .await;
+    vec![create, delete, floor]
 }
 
 async fn w2(
