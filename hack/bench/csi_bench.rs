@@ -448,7 +448,15 @@ fn baseline(dir: &Path, count: usize, concurrency: usize) -> Vec<Phase> {
         nix::unistd::fsync(&root).unwrap();
         std::fs::remove_dir(&doomed).unwrap();
     });
-    vec![create, delete]
+    // What the Go driver does for a create: one mkdir, nothing durable. No
+    // driver that does at least this can create faster than this phase.
+    let bare = phase("baseline-mkdir-only", &|i| {
+        std::fs::create_dir(dir.join(format!("bare{i}"))).unwrap();
+    });
+    for i in 0..count {
+        let _ = std::fs::remove_dir(dir.join(format!("bare{i}")));
+    }
+    vec![create, delete, bare]
 }
 
 /// A 1 MiB buffer aligned for O_DIRECT, filled with a pattern (touched
