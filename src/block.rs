@@ -227,6 +227,16 @@ pub fn backs_inode(number: u32, dev: u64, ino: u64) -> bool {
 /// Attaches `file` to a free loop device; retries when another process takes
 /// the device between LOOP_CTL_GET_FREE and LOOP_CONFIGURE.
 pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
+    attach_via(file, opts, false)
+}
+
+/// As `attach`, but through LOOP_SET_FD and friends, the only way on
+/// kernels before 5.8 (RHEL 8's 4.18 among them): lets tests cover that path.
+pub fn attach_legacy(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
+    attach_via(file, opts, true)
+}
+
+fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult<LoopDevice> {
     let backing = OpenOptions::new()
         .read(true)
         .write(!opts.read_only)
@@ -235,7 +245,7 @@ pub fn attach(file: &Path, opts: AttachOptions) -> CoreResult<LoopDevice> {
         .context(|| format!("open {}", file.display()))?;
     let control = open_loop_control(Path::new(LOOP_CONTROL))?;
     let mut direct_io = opts.direct_io;
-    let mut legacy = false;
+    let mut legacy = legacy_only;
     for _attempt in 0..256 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
         let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }

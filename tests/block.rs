@@ -1410,3 +1410,77 @@ async fn node_expansion_alone_grows_the_volume() {
         .await
         .unwrap();
 }
+
+/// Detaches on drop, so a failed assertion leaves no device behind.
+struct AttachedLoop(hostpath_csi::block::LoopDevice);
+
+impl Drop for AttachedLoop {
+    fn drop(&mut self) {
+        let _ = hostpath_csi::block::detach_and_wait(&self.0, Duration::from_secs(5));
+    }
+}
+
+/// Kernels before 5.8 (RHEL 8's 4.18) have no LOOP_CONFIGURE; the driver
+/// then attaches with LOOP_SET_FD, LOOP_SET_STATUS64, LOOP_SET_BLOCK_SIZE
+/// and LOOP_SET_DIRECT_IO. Both paths must give the same device.
+#[test]
+fn legacy_and_configure_attach_give_the_same_device() {
+    use hostpath_csi::block::{self, AttachOptions};
+    let dir = tempfile::Builder::new()
+        .prefix("hpc-legacy-loop-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("disk");
+    File::create(&file).unwrap().set_len(16 << 20).unwrap();
+    for legacy in [false, true] {
+        let attach = |read_only: bool, block_size: u32| {
+            let opts = AttachOptions {
+                read_only,
+                direct_io: true,
+                block_size,
+            };
+            let dev = if legacy {
+                block::attach_legacy(&file, opts)
+            } else {
+                block::attach(&file, opts)
+            };
+            AttachedLoop(dev.unwrap())
+        };
+        let rw = attach(false, 4096);
+        let n = rw.0.number;
+        let path = rw.0.path.clone();
+        assert_eq!(sysfs(n, "loop/backing_file"), s(&file), "legacy={legacy}");
+        assert_eq!(sysfs(n, "ro"), "0", "legacy={legacy}");
+        assert_eq!(sysfs(n, "loop/dio"), "1", "legacy={legacy}");
+        assert_eq!(
+            sysfs(n, "queue/logical_block_size"),
+            "4096",
+            "legacy={legacy}"
+        );
+        assert_eq!(size_of(&path), 16 << 20, "legacy={legacy}");
+        let data = pattern(if legacy { 9 } else { 8 }, 1 << 20);
+        dio_write(&path, 2 << 20, &data).unwrap();
+        assert_eq!(file_read(&file, 2 << 20, data.len()), data);
+        assert_eq!(
+            block::find_attached_devices(&file).unwrap(),
+            vec![rw.0.clone()]
+        );
+        let ro = attach(true, 512);
+        let m = ro.0.number;
+        assert_ne!(m, n, "a read-only attach gets its own device");
+        assert_eq!(sysfs(m, "ro"), "1", "legacy={legacy}");
+        assert_eq!(sysfs(m, "queue/logical_block_size"), "512");
+        assert!(
+            dio_write(&ro.0.path, 0, &data[..4096]).is_err(),
+            "a read-only device refused the write (legacy={legacy})"
+        );
+        assert_eq!(dio_read(&ro.0.path, 2 << 20, data.len()), data);
+        let (rw_dev, ro_dev) = (rw.0.clone(), ro.0.clone());
+        drop(ro);
+        drop(rw);
+        for d in [rw_dev, ro_dev] {
+            assert!(block::wait_detached(&d, Duration::from_secs(5)));
+        }
+        assert!(block::find_attached_devices(&file).unwrap().is_empty());
+    }
+}
