@@ -664,6 +664,32 @@ fn report(workload: &str, phases: &[Phase], extra: serde_json::Value) {
     for p in phases {
         eprintln!("{}", p.row());
     }
+    // The driver's own phases (not the baselines) used the measured CPU.
+    let driver_ops: usize = phases
+        .iter()
+        .filter(|p| !p.name.starts_with("baseline"))
+        .map(|p| p.latencies.len())
+        .sum();
+    let per_op = |key: &str| {
+        extra[key].as_f64().map(|s| {
+            format!(
+                "{s:.2} s ({:.0} µs per timed op)",
+                s * 1e6 / driver_ops.max(1) as f64
+            )
+        })
+    };
+    if let Some(client) = per_op("client_cpu_s") {
+        let driver = per_op("driver_cpu_s").unwrap_or_else(|| "unknown (no --pid)".into());
+        eprintln!("CPU: client {client}, driver {driver}");
+    }
+    for (key, label) in [
+        ("driver_idle_rss_kib", "idle"),
+        ("driver_peak_rss_kib", "peak"),
+    ] {
+        if let Some(kib) = extra[key].as_u64().filter(|k| *k > 0) {
+            eprintln!("driver RSS {label}: {:.1} MiB", kib as f64 / 1024.0);
+        }
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
