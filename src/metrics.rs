@@ -1,5 +1,6 @@
 //! Prometheus metrics: pool figures, volume counts and RPC latency.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,8 @@ pub struct Metrics {
     capacity: Family<PoolLabels, Gauge<u64, AtomicU64>>,
     available: Family<PoolLabels, Gauge<u64, AtomicU64>>,
     volumes: Family<VolumeLabels, Gauge>,
+    /// A directory on the node's OS filesystem.
+    os_reference: PathBuf,
 }
 
 impl Default for Metrics {
@@ -86,6 +89,7 @@ impl Metrics {
             capacity,
             available,
             volumes,
+            os_reference: PathBuf::from("/"),
         }
     }
 
@@ -98,6 +102,12 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Compares pools with the filesystem holding `dir` instead of `/`.
+    pub fn with_os_reference(mut self, dir: PathBuf) -> Self {
+        self.os_reference = dir;
+        self
+    }
+
     /// Refreshes pool figures from the core and renders the text format.
     pub fn render(&self, core: &Core) -> String {
         for pool in core.pools() {
@@ -106,7 +116,7 @@ impl Metrics {
             };
             self.shared_with_os
                 .get_or_create(&labels)
-                .set(pool.shares_os_filesystem() as i64);
+                .set(pool.shares_os_filesystem(&self.os_reference) as i64);
             if let Ok(u) = pool.usage() {
                 self.capacity.get_or_create(&labels).set(u.total_bytes);
                 self.available.get_or_create(&labels).set(u.available_bytes);

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
@@ -127,6 +128,39 @@ fn statx_mount_root(path: &Path) -> Option<bool> {
     let st = unsafe { buf.assume_init() };
     let attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
     (st.stx_attributes_mask & attr != 0).then_some(st.stx_attributes & attr != 0)
+}
+
+/// True when `a` and `b` are on one filesystem: the same device number, or
+/// mounts of the same block device (btrfs subvolumes have their own numbers).
+pub fn same_filesystem(a: &Path, b: &Path) -> bool {
+    let (Ok(sa), Ok(sb)) = (fs::metadata(a), fs::metadata(b)) else {
+        return false;
+    };
+    if sa.dev() == sb.dev() {
+        return true;
+    }
+    let source = |path: &Path, dev: u64| {
+        containing_mount(path, dev).filter(|m| m.source.starts_with("/dev/"))
+    };
+    match (source(a, sa.dev()), source(b, sb.dev())) {
+        (Some(ma), Some(mb)) => ma.source == mb.source,
+        _ => false,
+    }
+}
+
+/// The mount that holds `path` (as `findmnt -T`): the deepest mount point
+/// above it whose device is the path's.
+fn containing_mount(path: &Path, dev: u64) -> Option<MountInfo> {
+    let path = fs::canonicalize(path).ok()?;
+    let (major, minor) = (
+        nix::sys::stat::major(dev) as u32,
+        nix::sys::stat::minor(dev) as u32,
+    );
+    mounts()
+        .ok()?
+        .into_iter()
+        .filter(|m| m.major == major && m.minor == minor && path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
 }
 
 /// Filesystem type name of the filesystem holding `path`, from statfs.

@@ -231,12 +231,12 @@ impl Pool {
         }
     }
 
-    /// Whether the pool lives on the same filesystem as `/` (upstream's metric).
-    pub fn shares_os_filesystem(&self) -> bool {
-        match (fs::metadata(&self.root), fs::metadata("/")) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev(),
-            _ => false,
-        }
+    /// Whether the pool or its snapshot area lives on the filesystem that
+    /// holds `os_dir` (upstream's metric and meaning).
+    pub fn shares_os_filesystem(&self, os_dir: &Path) -> bool {
+        [&self.root, &self.snapshot_dir]
+            .iter()
+            .any(|p| crate::mount::same_filesystem(p, os_dir))
     }
 
     /// The filesystem type name of the pool (`xfs`, `ext4`, `tmpfs`, ...).

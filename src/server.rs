@@ -88,7 +88,10 @@ pub async fn serve(
     for pool in core.pools() {
         tracing::info!(pool = %pool.name, path = %pool.root.display(), fs = %pool.fs_type(), shared = pool.shared, "pool ready");
     }
-    let metrics = Arc::new(Metrics::new());
+    // As upstream: a pool "shares the OS filesystem" when it lives on the
+    // filesystem of the socket's directory, a kubelet dir on the node's disk.
+    let os_reference = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let metrics = Arc::new(Metrics::new().with_os_reference(os_reference));
     if let Some(addr) = opts.metrics_addr {
         let (m, c) = (metrics.clone(), core.clone());
         tokio::spawn(async move {

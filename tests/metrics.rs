@@ -98,6 +98,12 @@ fn the_endpoint_serves_pool_volume_and_rpc_series() {
             r#"{{"name":"tmpfs","path":"{}"}}"#,
             tmpfs_pool.display()
         ));
+        // Volumes on their own filesystem, snapshots on the OS's: shared.
+        pools.push(format!(
+            r#"{{"name":"tmpfs-snap","path":"{}","snapshotPath":"{}"}}"#,
+            tmpfs_pool.join("with-snapshots").display(),
+            dir.path().join("snapshots").display()
+        ));
     } else {
         eprintln!("not root: skipping the tmpfs pool");
     }
@@ -132,14 +138,13 @@ fn the_endpoint_serves_pool_volume_and_rpc_series() {
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    // Upstream's meaning: 1 when the pool is on the filesystem of `/`.
-    use std::os::unix::fs::MetadataExt;
-    let on_root =
-        std::fs::metadata(&os_pool).unwrap().dev() == std::fs::metadata("/").unwrap().dev();
+    // Upstream's meaning: 1 when the pool is on the filesystem of the CSI
+    // socket's directory (a kubelet dir on the node's OS disk); the socket
+    // is in `dir` here, beside the "os" pool.
     expect(
         &body,
         r#"kubevirt_hpp_pool_path_shared_with_os{pool="os"}"#,
-        if on_root { 1.0 } else { 0.0 },
+        1.0,
     );
     expect(
         &body,
@@ -220,6 +225,11 @@ fn the_endpoint_serves_pool_volume_and_rpc_series() {
             &body,
             r#"kubevirt_hpp_pool_path_shared_with_os{pool="tmpfs"}"#,
             0.0,
+        );
+        expect(
+            &body,
+            r#"kubevirt_hpp_pool_path_shared_with_os{pool="tmpfs-snap"}"#,
+            1.0,
         );
         expect(
             &body,
