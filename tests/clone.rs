@@ -1507,6 +1507,127 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
             .unwrap()
             .into_inner();
     assert_eq!(got.group_snapshot.unwrap(), g);
+    // The same sources in another order are the same request.
+    let reordered =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-snap", &["vm-cfg", "vm-root", "vm-data"]))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert_eq!(reordered, g);
+    // snapshot_ids, when sent, must be the members (in any order).
+    let mut member_ids: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
+    member_ids.reverse();
+    let get = |ids: Vec<String>| GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: "vm-snap".into(),
+        snapshot_ids: ids,
+        ..Default::default()
+    };
+    let mut group_client = d.c.group.clone();
+    assert_eq!(
+        code(
+            &group_client
+                .get_volume_group_snapshot(get(member_ids.clone()))
+                .await
+        ),
+        Code::Ok
+    );
+    for wrong in [
+        vec![member_ids[0].clone()],
+        vec!["someone-else".to_string(); 3],
+    ] {
+        assert_eq!(
+            code(
+                &group_client
+                    .get_volume_group_snapshot(get(wrong.clone()))
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+        let r = group_client
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: "vm-snap".into(),
+                snapshot_ids: wrong,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code(&r), Code::InvalidArgument);
+    }
+    // A member must not be deleted on its own while its group exists.
+    let r =
+        d.c.controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: member_ids[0].clone(),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::InvalidArgument, "{r:?}");
+    assert_eq!(
+        code(&group_client.get_volume_group_snapshot(get(vec![])).await),
+        Code::Ok,
+        "the refused delete left the group whole"
+    );
+    // A published Block volume cannot be frozen, so it cannot be taken
+    // together with another volume: refused, nothing frozen or left.
+    let disk = d.path("pods/vm-data");
+    d.c.node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "vm-data".into(),
+            target_path: s(&disk),
+            volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-live", &["vm-root", "vm-data"]))
+            .await;
+    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
+    assert!(r.unwrap_err().message().contains("vm-data"));
+    assert!(writer.advances(5).await, "a refused group left a freeze");
+    // On its own it is a plain (reflink, so atomic) snapshot.
+    let alone =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-live-data", &["vm-data"]))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    d.c.node
+        .node_unpublish_volume(unpublish_req("vm-data", &disk))
+        .await
+        .unwrap();
+    // A group whose record never got written (a failed clean-up left its
+    // members): retrying it replaces the leftovers instead of conflicting.
+    let snapshots_dir = d.pool().join(".hostpath-csi/snapshots");
+    fs::remove_file(snapshots_dir.join(".groups/vm-live-data.json")).unwrap();
+    let retried =
+        d.c.group
+            .create_volume_group_snapshot(group("vm-live-data", &["vm-data"]))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert_eq!(retried.snapshots.len(), 1);
+    assert_eq!(
+        retried.snapshots[0].snapshot_id,
+        alone.snapshots[0].snapshot_id
+    );
+    assert!(d
+        .log()
+        .contains("removing a member left by a failed attempt"));
+    d.c.group
+        .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: "vm-live-data".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
     // Restore the frozen member: a clean filesystem with whole files.
     let member = |src: &str| {

@@ -336,7 +336,7 @@ impl Controller for CsiService {
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
         let id = request.into_inner().snapshot_id;
         self.run("DeleteSnapshot", &id.clone(), move |core| {
-            core.delete_snapshot(&id)?;
+            core.delete_standalone_snapshot(&id)?;
             Ok(DeleteSnapshotResponse {})
         })
         .await

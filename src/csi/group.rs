@@ -72,7 +72,7 @@ impl GroupController for CsiService {
         let id = req.group_snapshot_id.clone();
         self.run("DeleteVolumeGroupSnapshot", &id, move |core| {
             required("group_snapshot_id", &req.group_snapshot_id)?;
-            core.delete_group_snapshot(&req.group_snapshot_id)?;
+            core.delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
             Ok(DeleteVolumeGroupSnapshotResponse {})
         })
         .await
@@ -86,7 +86,7 @@ impl GroupController for CsiService {
         let id = req.group_snapshot_id.clone();
         self.run("GetVolumeGroupSnapshot", &id, move |core| {
             required("group_snapshot_id", &req.group_snapshot_id)?;
-            let g = core.get_group_snapshot(&req.group_snapshot_id)?;
+            let g = core.get_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
             Ok(GetVolumeGroupSnapshotResponse {
                 group_snapshot: Some(group_message(&g)),
             })

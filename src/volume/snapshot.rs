@@ -201,6 +201,22 @@ impl Core {
         Ok(())
     }
 
+    /// DeleteSnapshot as a CO sends it: a member of a group snapshot that
+    /// still exists must not be deleted on its own (the CSI spec's
+    /// INVALID_ARGUMENT); the group is deleted as a whole.
+    pub fn delete_standalone_snapshot(&self, id: &str) -> CoreResult<()> {
+        if let Some(s) = self.find_snapshot(id)? {
+            if let Some(group) = s.meta.group_id.as_deref() {
+                if self.read_group(group)?.is_some() {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "snapshot {id} is part of group snapshot {group}: delete the group snapshot instead"
+                    )));
+                }
+            }
+        }
+        self.delete_snapshot(id)
+    }
+
     /// Every snapshot, sorted by ID.
     pub fn all_snapshots(&self) -> Vec<Snapshot> {
         let mut out = Vec::new();
@@ -352,6 +368,28 @@ fn recover_groups(groups: &Path) {
     }
 }
 
+/// True when both lists hold the same IDs, in any order.
+fn same_set(a: &[String], b: &[String]) -> bool {
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    sorted(a) == sorted(b)
+}
+
+/// Refuses a `snapshot_ids` list that is not the group's members. An empty
+/// list is accepted: the ID alone names the group here.
+fn check_members(g: &GroupMeta, snapshot_ids: &[String]) -> CoreResult<()> {
+    if snapshot_ids.is_empty() || same_set(&g.member_ids, snapshot_ids) {
+        return Ok(());
+    }
+    Err(CoreError::InvalidArgument(format!(
+        "snapshot_ids {snapshot_ids:?} are not the members of group snapshot {} ({:?})",
+        g.id, g.member_ids
+    )))
+}
+
 fn member_id(group: &str, index: usize) -> String {
     let base: String = group.chars().take(crate::names::MAX_NAME_LEN - 8).collect();
     format!("{base}-m{index}")
@@ -370,7 +408,14 @@ impl Core {
         let members = g
             .member_ids
             .iter()
-            .map(|m| self.get_snapshot(m))
+            .map(|m| {
+                self.find_snapshot(m)?.ok_or_else(|| {
+                    CoreError::Internal(format!(
+                        "group snapshot {} is damaged: its member snapshot {m} is missing",
+                        g.id
+                    ))
+                })
+            })
             .collect::<CoreResult<Vec<_>>>()?;
         Ok(GroupSnapshot {
             id: g.id,
@@ -391,7 +436,7 @@ impl Core {
         }
         let _lock = self.lock("group", name)?;
         if let Some(existing) = self.read_group(name)? {
-            if existing.source_volume_ids != sources {
+            if !same_set(&existing.source_volume_ids, sources) {
                 return Err(CoreError::AlreadyExists(format!(
                     "group snapshot {name} already exists for volumes {:?}",
                     existing.source_volume_ids
@@ -411,12 +456,33 @@ impl Core {
         let mut member_dirs = Vec::new();
         for (i, v) in volumes.iter().enumerate() {
             let id = member_id(name, i);
-            if self.find_snapshot(&id)?.is_some() {
-                return Err(CoreError::AlreadyExists(format!(
-                    "snapshot {id}, the name of member {i} of group snapshot {name}, is already taken"
-                )));
+            if let Some(taken) = self.find_snapshot(&id)? {
+                if taken.meta.group_id.as_deref() != Some(name) {
+                    return Err(CoreError::AlreadyExists(format!(
+                        "snapshot {id}, the name of member {i} of group snapshot {name}, is already taken"
+                    )));
+                }
+                // Left by an earlier attempt at this very group whose
+                // clean-up failed: garbage, not a conflict.
+                tracing::info!(group = name, snapshot = %id, "removing a member left by a failed attempt");
+                self.delete_snapshot(&id)?;
             }
             member_dirs.push(self.pool_of(v)?.snapshot_dir().join(&id));
+        }
+        // Only image filesystems can be frozen. A published directory or
+        // Block volume keeps taking writes while the other members are
+        // taken, so several of them cannot be write-order consistent, which
+        // the spec requires or else a failure.
+        if volumes.len() > 1 {
+            for v in volumes.iter().filter(|v| v.meta.layout != Layout::Image) {
+                if let Some(at) = self.publications(v)?.first() {
+                    return Err(CoreError::FailedPrecondition(format!(
+                        "cannot snapshot these volumes together: {} is published at {} and, not being a layout: image volume, cannot be frozen; unpublish it (stop the VM) or snapshot it on its own",
+                        v.meta.id,
+                        at.display()
+                    )));
+                }
+            }
         }
         let _one_freezer = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let mut mounts = Vec::new();
@@ -436,6 +502,10 @@ impl Core {
                 members: member_dirs,
             },
         )?;
+        // The moment the group is taken: everything is frozen from here on.
+        let taken_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut frozen = Frozen(Vec::new());
         let taken =
             freeze_all(&mounts, &mut frozen).and_then(|()| self.take_members(name, sources));
@@ -453,9 +523,7 @@ impl Core {
                 return Err(e);
             }
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = taken_at;
         let g = GroupMeta {
             id: name.to_owned(),
             source_volume_ids: sources.to_vec(),
@@ -495,15 +563,23 @@ impl Core {
         Ok(members)
     }
 
-    pub fn get_group_snapshot(&self, id: &str) -> CoreResult<GroupSnapshot> {
+    /// The group snapshot `id`. `snapshot_ids`, when the CO sends them,
+    /// must be exactly its members (the spec's mismatch INVALID_ARGUMENT).
+    pub fn get_group_snapshot(
+        &self,
+        id: &str,
+        snapshot_ids: &[String],
+    ) -> CoreResult<GroupSnapshot> {
         validate_name("group_snapshot_id", id)?;
         let g = self
             .read_group(id)?
             .ok_or_else(|| CoreError::NotFound(format!("group snapshot {id} does not exist")))?;
+        check_members(&g, snapshot_ids)?;
         self.group_from_meta(g)
     }
 
-    pub fn delete_group_snapshot(&self, id: &str) -> CoreResult<()> {
+    /// Deletes a group snapshot and its members; an unknown group is success.
+    pub fn delete_group_snapshot(&self, id: &str, snapshot_ids: &[String]) -> CoreResult<()> {
         if !is_valid_name(id) {
             return Ok(());
         }
@@ -511,6 +587,7 @@ impl Core {
         let Some(g) = self.read_group(id)? else {
             return Ok(());
         };
+        check_members(&g, snapshot_ids)?;
         for m in &g.member_ids {
             self.delete_snapshot(m)?;
         }
