@@ -2,7 +2,7 @@
 # Installs what the driver and its tests need on a fresh Debian machine (as root).
 set -euo pipefail
 need=()
-for tool in mkfs.xfs:xfsprogs xfs_growfs:xfsprogs mkfs.ext4:e2fsprogs resize2fs:e2fsprogs losetup:mount blkid:util-linux sfdisk:fdisk; do
+for tool in mkfs.xfs:xfsprogs xfs_growfs:xfsprogs mkfs.ext4:e2fsprogs resize2fs:e2fsprogs losetup:mount blkid:util-linux sfdisk:fdisk mkfs.btrfs:btrfs-progs; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

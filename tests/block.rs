@@ -261,9 +261,20 @@ fn statvfs_total(path: &Path) -> u64 {
     st.blocks() * st.fragment_size()
 }
 
-/// Runs `body` against a pool on the host filesystem and one on XFS.
+/// Runs `body` against a pool on the host filesystem, one on XFS and one in
+/// a btrfs subvolume (whose files carry the subvolume's device number).
 macro_rules! on_both_pools {
     ($body:ident) => {{
+        {
+            let btrfs = LoopFs::new("btrfs", 1536);
+            let sub = btrfs.subvolume("vms");
+            let d = Driver::start_with(&[("btrfs", Some(sub.join("pool")))]).await;
+            assert_eq!(
+                hostpath_csi::mount::fs_type_of(d.pool()).as_deref(),
+                Some("btrfs")
+            );
+            $body(d).await;
+        }
         {
             let d = Driver::start().await;
             $body(d).await;

@@ -112,7 +112,7 @@ pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// A real XFS (reflink) or ext4 filesystem on a loop-mounted sparse file.
+/// A real XFS (reflink), btrfs or ext4 filesystem on a loop-mounted sparse file.
 pub struct LoopFs {
     pub dir: TempDir,
     pub mount_point: PathBuf,
@@ -132,6 +132,10 @@ impl LoopFs {
         let ok = match fs_type {
             "xfs" => Command::new("mkfs.xfs")
                 .args(["-q", "-m", "reflink=1"])
+                .arg(&image)
+                .status(),
+            "btrfs" => Command::new("mkfs.btrfs")
+                .args(["-q", "-f"])
                 .arg(&image)
                 .status(),
             _ => Command::new("mkfs.ext4")
@@ -166,6 +170,20 @@ impl LoopFs {
             .success();
         assert!(ok, "mount failed");
         fs
+    }
+
+    /// A btrfs subvolume of this filesystem: its files report their own
+    /// device number, unlike the filesystem's root.
+    pub fn subvolume(&self, name: &str) -> PathBuf {
+        let path = self.mount_point.join(name);
+        let ok = Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&path)
+            .status()
+            .expect("run btrfs")
+            .success();
+        assert!(ok, "btrfs subvolume create failed");
+        path
     }
 }
 
