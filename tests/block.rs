@@ -1016,7 +1016,8 @@ async fn block_validation_and_validate_volume_capabilities() {
         d.c.node
             .node_publish_volume(publish_req("pvc-blk", &t, flagged, false))
             .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
+    // A mount capability exceeds what a Block volume offers.
+    assert_eq!(code(&r), Code::FailedPrecondition);
     assert!(!t.exists());
     // Image volumes need staging first.
     let r =
@@ -1034,7 +1035,21 @@ async fn block_validation_and_validate_volume_capabilities() {
         d.c.node
             .node_publish_volume(publish_req("pvc-img", &t, block_cap_rw(), false))
             .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
+    assert_eq!(code(&r), Code::FailedPrecondition);
+    assert!(loops_under(d.pool()).is_empty());
+    // An ext4 image cannot be staged as xfs: the capability exceeds it.
+    let st = d.path("staging/img");
+    let r =
+        d.c.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: "pvc-img".into(),
+                staging_target_path: s(&st),
+                volume_capability: Some(mount_cap_fs("xfs")),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
+    assert!(mounts_under(d.dir.path()).is_empty());
     assert!(loops_under(d.pool()).is_empty());
 
     let validate = |v: &Volume, cap: VolumeCapability| ValidateVolumeCapabilitiesRequest {
@@ -1067,6 +1082,38 @@ async fn block_validation_and_validate_volume_capabilities() {
         "an ext4 image cannot be mounted as xfs"
     );
     assert!(!check(&img, block_cap_rw()).await);
+    // A capability without access mode or type is malformed, not unsupported.
+    for cap in [
+        VolumeCapability {
+            access_mode: None,
+            ..block_cap_rw()
+        },
+        VolumeCapability {
+            access_type: None,
+            ..block_cap_rw()
+        },
+    ] {
+        let r = ctl.validate_volume_capabilities(validate(&blk, cap)).await;
+        assert_eq!(code(&r), Code::InvalidArgument);
+    }
+    // Creation parameters are confirmed only when they fit the volume.
+    let with_params = |p: &[(&str, &str)]| {
+        let mut r = validate(&img, mount_cap_fs("ext4"));
+        r.parameters = params(p);
+        let mut ctl = ctl.clone();
+        async move {
+            ctl.validate_volume_capabilities(r)
+                .await
+                .unwrap()
+                .into_inner()
+                .confirmed
+                .is_some()
+        }
+    };
+    assert!(with_params(&[("layout", "image"), ("storagePool", "local")]).await);
+    assert!(!with_params(&[("layout", "directory")]).await);
+    assert!(!with_params(&[("storagePool", "elsewhere")]).await);
+    assert!(!with_params(&[("layout", "bogus")]).await);
 }
 
 #[tokio::test]

@@ -248,6 +248,50 @@ async fn create_volume_is_idempotent_and_detects_conflicts() {
             .volume
             .unwrap();
     assert_eq!(v.volume_id, long);
+    // The same name with another content source, block size or image
+    // filesystem is another volume: ALREADY_EXISTS.
+    let mut cloned = create_req("pvc-same", SIZE, rwo());
+    cloned.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Volume(VolumeSource {
+            volume_id: long.clone(),
+        })),
+    });
+    assert_eq!(
+        code(&d.c.controller.create_volume(cloned).await),
+        Code::AlreadyExists
+    );
+    let mut plain_of_clone = create_req("pvc-clone", SIZE, rwo());
+    plain_of_clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Volume(VolumeSource {
+            volume_id: "pvc-same".into(),
+        })),
+    });
+    d.c.controller.create_volume(plain_of_clone).await.unwrap();
+    assert_eq!(
+        code(
+            &d.c.controller
+                .create_volume(create_req("pvc-clone", SIZE, rwo()))
+                .await
+        ),
+        Code::AlreadyExists,
+        "an empty volume asked under a clone's name"
+    );
+    let mut blk = create_req("pvc-blk", GIB, block_cap(Mode::SingleNodeWriter));
+    d.c.controller.create_volume(blk.clone()).await.unwrap();
+    blk.parameters = params(&[("blockSize", "4096")]);
+    assert_eq!(
+        code(&d.c.controller.create_volume(blk).await),
+        Code::AlreadyExists
+    );
+    let mut img = create_req("pvc-img", 512 * MIB, mount_cap_fs("ext4"));
+    img.parameters = params(&[("layout", "image")]);
+    d.c.controller.create_volume(img.clone()).await.unwrap();
+    d.c.controller.create_volume(img.clone()).await.unwrap();
+    img.volume_capabilities = vec![mount_cap_fs("xfs")];
+    assert_eq!(
+        code(&d.c.controller.create_volume(img).await),
+        Code::AlreadyExists
+    );
 }
 
 #[tokio::test]
@@ -361,6 +405,37 @@ async fn delete_volume_rules() {
     }
     assert!(!d.pool().join("pvc-del").exists());
     assert!(!d.pool().join(".hostpath-csi/volumes/pvc-del.json").exists());
+    // Volume in use: FAILED_PRECONDITION, and the pod's data stays put.
+    d.c.controller
+        .create_volume(create_req("pvc-busy", GIB, rwo()))
+        .await
+        .unwrap();
+    let target = d.path("pods/busy");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    d.c.node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "pvc-busy".into(),
+            target_path: s(&target),
+            staging_target_path: s(&d.path("staging/busy")),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    std::fs::write(target.join("precious"), b"data").unwrap();
+    let r = d.c.controller.delete_volume(delete_req("pvc-busy")).await;
+    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
+    assert!(r.unwrap_err().message().contains(&s(&target)));
+    assert_eq!(std::fs::read(target.join("precious")).unwrap(), b"data");
+    d.c.node
+        .node_unpublish_volume(unpublish_req("pvc-busy", &target))
+        .await
+        .unwrap();
+    d.c.controller
+        .delete_volume(delete_req("pvc-busy"))
+        .await
+        .unwrap();
+    assert!(!d.pool().join("pvc-busy").exists());
 }
 
 #[tokio::test]
@@ -658,6 +733,20 @@ async fn modify_volume_rules() {
                 .await
         ),
         Code::Ok
+    );
+    // mutable_parameters take precedence over parameters in CreateVolume.
+    let mut thin = create_req("pvc-thin", 16 * MIB, block_cap(Mode::SingleNodeWriter));
+    thin.parameters = params(&[("preallocation", "true")]);
+    thin.mutable_parameters = params(&[("preallocation", "false")]);
+    d.c.controller.create_volume(thin).await.unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(d.pool().join("pvc-thin"))
+        .unwrap()
+        .blocks()
+        * 512;
+    assert!(
+        allocated < MIB as u64,
+        "{allocated} bytes allocated: not thin"
     );
 }
 
@@ -975,6 +1064,16 @@ async fn node_stage_and_expand_validation() {
                 .await
         ),
         Code::NotFound
+    );
+    // A limit below the volume's size cannot be met: volumes never shrink.
+    let mut below = ex("pvc-st", &s(d.dir.path()));
+    below.capacity_range = Some(CapacityRange {
+        required_bytes: 0,
+        limit_bytes: MIB,
+    });
+    assert_eq!(
+        code(&d.c.node.node_expand_volume(below).await),
+        Code::OutOfRange
     );
     let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest {
         volume_id: id.into(),

@@ -114,8 +114,9 @@ fn create(core: &Core, req: CreateVolumeRequest) -> CoreResult<CreateVolumeRespo
     required("name", &req.name)?;
     crate::names::validate_name("name", &req.name)?;
     let mut create_params = CreateParams::parse(&req.parameters)?;
+    // The spec: mutable_parameters take precedence over parameters.
     if let Some(prealloc) = params::parse_mutable(&req.mutable_parameters)? {
-        create_params.preallocate |= prealloc;
+        create_params.preallocate = prealloc;
     }
     let pool = core.pool(create_params.storage_pool.as_deref())?;
     let mode = check_capabilities(&req.volume_capabilities, pool.shared)?;
@@ -203,12 +204,51 @@ impl Controller for CsiService {
                     "volume_capabilities are required".into(),
                 ));
             }
+            // A capability without an access mode or type is malformed
+            // (INVALID_ARGUMENT); one this volume cannot serve is answered
+            // below as unconfirmed.
+            for cap in &req.volume_capabilities {
+                let has_mode = cap.access_mode.as_ref().is_some_and(|m| m.mode != 0);
+                if !has_mode || cap.access_type.is_none() {
+                    return Err(CoreError::InvalidArgument(
+                        "each volume capability needs an access_mode and an access_type".into(),
+                    ));
+                }
+            }
             let volume = core.get_volume(&req.volume_id)?;
             let pool = core.pool_of(&volume)?;
             let unsupported = |message: String| ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
                 message,
             };
+            // Creation parameters are confirmed only when this volume could
+            // have been made with them.
+            if !req.parameters.is_empty() {
+                let asked = match CreateParams::parse(&req.parameters) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(unsupported(e.to_string())),
+                };
+                if asked
+                    .storage_pool
+                    .as_ref()
+                    .is_some_and(|p| p != &volume.meta.pool)
+                {
+                    return Ok(unsupported(format!(
+                        "volume {} is in pool {}, not the storagePool asked for",
+                        volume.meta.id, volume.meta.pool
+                    )));
+                }
+                match asked.layout_for(volume.meta.mode) {
+                    Ok(layout) if layout == volume.meta.layout || volume.legacy => {}
+                    Ok(layout) => {
+                        return Ok(unsupported(format!(
+                            "volume {} has layout {:?}, not {layout:?}",
+                            volume.meta.id, volume.meta.layout
+                        )))
+                    }
+                    Err(e) => return Ok(unsupported(e.to_string())),
+                }
+            }
             if let Some(p) = req.volume_context.get(params::STORAGE_POOL) {
                 if p != &volume.meta.pool {
                     return Ok(unsupported(format!(

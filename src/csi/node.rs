@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use tonic::{Request, Response, Status};
 
-use super::{check_capability, mount_flags, CsiService};
+use super::{check_capability, mount_flags, mount_fs_type, CsiService};
 use crate::error::{CoreError, CoreResult};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::rpc::Type as RpcType;
@@ -57,6 +57,7 @@ impl Node for CsiService {
                 &req.volume_id,
                 &PathBuf::from(&req.staging_target_path),
                 mode,
+                mount_fs_type(std::slice::from_ref(cap)).as_deref(),
                 &mount_flags(cap),
             )?;
             Ok(NodeStageVolumeResponse {})
@@ -180,12 +181,15 @@ impl Node for CsiService {
                     ));
                 }
             }
-            let required = req
-                .capacity_range
-                .as_ref()
-                .map_or(0, |r| r.required_bytes.max(0) as u64);
-            let size =
-                core.node_expand(&req.volume_id, &PathBuf::from(&req.volume_path), required)?;
+            let (required, limit) = req.capacity_range.as_ref().map_or((0, 0), |r| {
+                (r.required_bytes.max(0) as u64, r.limit_bytes.max(0) as u64)
+            });
+            let size = core.node_expand(
+                &req.volume_id,
+                &PathBuf::from(&req.volume_path),
+                required,
+                limit,
+            )?;
             Ok(NodeExpandVolumeResponse {
                 capacity_bytes: size as i64,
             })

@@ -428,8 +428,21 @@ impl Core {
                 }
             ));
         }
-        if req.source.is_some() && req.source != m.source {
+        if req.source != m.source {
             return conflict(format!("another content source ({:?})", m.source));
+        }
+        if m.layout == Layout::File && m.block_size != req.params.block_size {
+            return conflict(format!(
+                "blockSize {} (asked for {})",
+                m.block_size, req.params.block_size
+            ));
+        }
+        // A clone keeps its source's filesystem whatever was asked, so only
+        // an empty image volume is held to the asked fs_type.
+        if let (Some(have), Some(asked), None) = (&m.fs_type, &req.fs_type, &m.source) {
+            if !asked.is_empty() && have != asked {
+                return conflict(format!("filesystem {have} (asked for {asked})"));
+            }
         }
         Ok(existing)
     }
@@ -601,6 +614,12 @@ impl Core {
         let pool = self.pool_of(&volume)?;
         if volume.meta.layout.is_file() {
             self.release_loop_devices(id, &volume.path)?;
+        } else if let Some(at) = self.publications(&volume)?.first() {
+            // Deleting it would pull the data out from under a pod.
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {id} is still published at {}; unpublish it first",
+                at.display()
+            )));
         }
         let doomed = pool.tmp_path(id, "delete");
         fs::rename(&volume.path, &doomed)

@@ -95,7 +95,8 @@ fn bound_loop(m: &MountInfo) -> Option<u32> {
 
 fn check_access_type(volume: &Volume, mode: VolumeMode) -> CoreResult<()> {
     if volume.meta.mode != mode {
-        return Err(CoreError::InvalidArgument(format!(
+        // The spec's "exceeds capabilities" of the volume.
+        return Err(CoreError::FailedPrecondition(format!(
             "volume {} is a {:?}-mode volume; the capability asks for {:?}",
             volume.meta.id, volume.meta.mode, mode
         )));
@@ -183,11 +184,14 @@ impl Core {
         Ok(())
     }
 
+    /// `fs_type` is the capability's (empty: any); an image volume holds
+    /// one filesystem and cannot be staged as another.
     pub fn stage(
         &self,
         id: &str,
         staging: &Path,
         mode: VolumeMode,
+        fs_type: Option<&str>,
         mount_flags: &[String],
     ) -> CoreResult<()> {
         validate_name("volume_id", id)?;
@@ -196,6 +200,13 @@ impl Core {
         check_access_type(&volume, mode)?;
         if volume.meta.layout != Layout::Image {
             return Ok(());
+        }
+        if let (Some(asked), Some(have)) = (fs_type, volume.meta.fs_type.as_deref()) {
+            if !asked.is_empty() && asked != have {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {id} holds a {have} filesystem; the capability asks for {asked}"
+                )));
+            }
         }
         let flags = mount::parse_mount_flags(mount_flags)?;
         let _guard = LOOP_LOCK.lock().unwrap();
@@ -640,7 +651,7 @@ impl Core {
     /// `required` (0 = none) larger than the recorded capacity grows the
     /// volume here first, so expansion also works when the controller half
     /// ran on another node (a cluster-wide resizer) or not at all.
-    pub fn node_expand(&self, id: &str, path: &Path, required: u64) -> CoreResult<u64> {
+    pub fn node_expand(&self, id: &str, path: &Path, required: u64, limit: u64) -> CoreResult<u64> {
         validate_name("volume_id", id)?;
         if path.as_os_str().is_empty() {
             return Err(CoreError::InvalidArgument("volume_path is required".into()));
@@ -652,8 +663,14 @@ impl Core {
                 path.display()
             )));
         }
+        if limit > 0 && limit < volume.meta.capacity_bytes {
+            return Err(CoreError::OutOfRange(format!(
+                "volume {id} is already {} bytes, above limit_bytes {limit}; volumes never shrink",
+                volume.meta.capacity_bytes
+            )));
+        }
         if required > volume.meta.capacity_bytes && volume.meta.capacity_bytes > 0 {
-            self.expand_volume(id, required as i64, 0)?;
+            self.expand_volume(id, required as i64, limit as i64)?;
             volume = self.get_volume(id)?;
         }
         if !volume.meta.layout.is_file() {
