@@ -104,6 +104,8 @@ fn publish_req(id: &str, target: &Path) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
         volume_id: id.into(),
         target_path: target.to_string_lossy().into(),
+        // Block volumes need no staged mount, but the driver wants a path.
+        staging_target_path: format!("{}.staging", target.display()),
         volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
         ..Default::default()
     }

@@ -165,18 +165,7 @@ pub fn list_attached() -> Vec<LoopDevice> {
         else {
             continue;
         };
-        let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let flag =
-            |name: &str| fs::read_to_string(entry.path().join(name)).is_ok_and(|v| v.trim() == "1");
-        out.push(LoopDevice {
-            path: device_path(number),
-            number,
-            backing_file: PathBuf::from(backing.trim_end_matches('\n')),
-            read_only: flag("ro"),
-            autoclear: flag("loop/autoclear"),
-        });
+        out.extend(read_attached(number));
     }
     out.sort_by_key(|d| d.number);
     out
@@ -207,7 +196,21 @@ pub fn find_attached_devices(file: &Path) -> CoreResult<Vec<LoopDevice>> {
 
 /// The attached device with this number, from sysfs.
 pub fn attached(number: u32) -> Option<LoopDevice> {
-    list_attached().into_iter().find(|d| d.number == number)
+    read_attached(number)
+}
+
+/// One device's sysfs entry; `None` when nothing is attached to it.
+fn read_attached(number: u32) -> Option<LoopDevice> {
+    let dir = PathBuf::from(format!("/sys/block/loop{number}"));
+    let backing = fs::read_to_string(dir.join("loop/backing_file")).ok()?;
+    let flag = |name: &str| fs::read_to_string(dir.join(name)).is_ok_and(|v| v.trim() == "1");
+    Some(LoopDevice {
+        path: device_path(number),
+        number,
+        backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+        read_only: flag("ro"),
+        autoclear: flag("loop/autoclear"),
+    })
 }
 
 fn status(n: u32) -> CoreResult<LoopInfo64> {
@@ -369,6 +372,9 @@ pub fn detach(device: &LoopDevice) -> CoreResult<()> {
 /// this polls sysfs, never opening the device itself. True once it is gone.
 pub fn wait_detached(device: &LoopDevice, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    // The detach usually completes as the last fd closes: poll soon, then
+    // back off (this runs under the publish lock).
+    let mut pause = Duration::from_micros(100);
     loop {
         let gone = attached(device.number).is_none_or(|d| d.backing_file != device.backing_file);
         if gone {
@@ -378,7 +384,8 @@ pub fn wait_detached(device: &LoopDevice, timeout: Duration) -> bool {
             tracing::warn!(device = %device.path.display(), "loop device still held open; its detach stays pending");
             return false;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
     }
 }
 

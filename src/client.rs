@@ -46,4 +46,25 @@ impl Clients {
             group: GroupControllerClient::new(ch),
         })
     }
+
+    /// Whether the node service wants NodeStageVolume before a publish (as
+    /// kubelet asks it, through NodeGetCapabilities).
+    pub async fn node_stages(&self) -> Result<bool, tonic::Status> {
+        use crate::proto::node_service_capability::{rpc::Type, Type as Cap};
+        let caps = self
+            .node
+            .clone()
+            .node_get_capabilities(crate::proto::NodeGetCapabilitiesRequest {})
+            .await?
+            .into_inner();
+        Ok(caps.capabilities.iter().any(|c| {
+            matches!(&c.r#type, Some(Cap::Rpc(r)) if r.r#type == Type::StageUnstageVolume as i32)
+        }))
+    }
+}
+
+/// Where `ctl` and `csi-bench` stage a volume published at `target`, when
+/// no staging path is given: beside the target, as kubelet keeps one per PV.
+pub fn default_staging_path(target: &str) -> String {
+    format!("{target}.staging")
 }

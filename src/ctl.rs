@@ -120,7 +120,8 @@ enum CtlCommand {
         volume_id: String,
         staging_path: String,
     },
-    /// NodePublishVolume
+    /// NodePublishVolume, after NodeStageVolume as kubelet does (at
+    /// `--staging-path`, by default `<target_path>.staging`)
     Publish {
         volume_id: String,
         target_path: String,
@@ -131,10 +132,13 @@ enum CtlCommand {
         #[command(flatten)]
         cap: CapabilityArgs,
     },
-    /// NodeUnpublishVolume
+    /// NodeUnpublishVolume, then NodeUnstageVolume of the staging path
+    /// `publish` used
     Unpublish {
         volume_id: String,
         target_path: String,
+        #[arg(long, default_value = "")]
+        staging_path: String,
     },
     /// NodeGetVolumeStats
     Stats {
@@ -485,6 +489,21 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
             readonly,
             cap,
         } => {
+            let mut staging_path = staging_path;
+            if c.node_stages().await.map_err(status_json)? {
+                if staging_path.is_empty() {
+                    staging_path = hostpath_csi::client::default_staging_path(&target_path);
+                }
+                c.node
+                    .node_stage_volume(NodeStageVolumeRequest {
+                        volume_id: volume_id.clone(),
+                        staging_target_path: staging_path.clone(),
+                        volume_capability: Some(capability(&cap)?),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status_json)?;
+            }
             c.node
                 .node_publish_volume(NodePublishVolumeRequest {
                     volume_id: volume_id.clone(),
@@ -501,14 +520,34 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
         CtlCommand::Unpublish {
             volume_id,
             target_path,
+            staging_path,
         } => {
             c.node
                 .node_unpublish_volume(NodeUnpublishVolumeRequest {
                     volume_id: volume_id.clone(),
-                    target_path,
+                    target_path: target_path.clone(),
                 })
                 .await
                 .map_err(status_json)?;
+            if c.node_stages().await.map_err(status_json)? {
+                let derived = staging_path.is_empty();
+                let staging_path = if derived {
+                    hostpath_csi::client::default_staging_path(&target_path)
+                } else {
+                    staging_path
+                };
+                c.node
+                    .node_unstage_volume(NodeUnstageVolumeRequest {
+                        volume_id: volume_id.clone(),
+                        staging_target_path: staging_path.clone(),
+                    })
+                    .await
+                    .map_err(status_json)?;
+                if derived {
+                    // ctl made it; a CO would remove its own.
+                    let _ = std::fs::remove_dir(&staging_path);
+                }
+            }
             json!({"unpublished": volume_id})
         }
         CtlCommand::Stats {

@@ -858,6 +858,7 @@ async fn node_publish_validation_and_read_only() {
     let pubreq = |id: &str, target: &str, cap: Option<VolumeCapability>| NodePublishVolumeRequest {
         volume_id: id.into(),
         target_path: target.into(),
+        staging_target_path: format!("{target}.staging"),
         volume_capability: cap,
         ..Default::default()
     };
@@ -898,6 +899,21 @@ async fn node_publish_validation_and_read_only() {
         .create_volume(create_req("pvc-ro", GIB, rwo()))
         .await
         .unwrap();
+    // STAGE_UNSTAGE_VOLUME is advertised: no staging path is the spec's
+    // FAILED_PRECONDITION, after the existence check (NOT_FOUND first).
+    let unstaged = |id: &str| NodePublishVolumeRequest {
+        staging_target_path: String::new(),
+        ..pubreq(id, &t, Some(rwo()))
+    };
+    assert_eq!(
+        code(&d.c.node.node_publish_volume(unstaged("fake-vol")).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(&d.c.node.node_publish_volume(unstaged("pvc-ro")).await),
+        Code::FailedPrecondition
+    );
+    assert!(!std::path::Path::new(&t).exists());
     assert_eq!(
         code(
             &d.c.node
@@ -972,6 +988,7 @@ async fn single_writer_refuses_a_second_target() {
     let req = |t: &str| NodePublishVolumeRequest {
         volume_id: "pvc-rwop".into(),
         target_path: t.into(),
+        staging_target_path: format!("{t}.staging"),
         volume_capability: Some(cap.clone()),
         ..Default::default()
     };
@@ -1110,6 +1127,7 @@ async fn stats_report_abnormal_when_backing_directory_is_gone() {
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: "pvc-gone".into(),
             target_path: t.to_string_lossy().into(),
+            staging_target_path: staging_for(&t),
             volume_capability: Some(rwo()),
             ..Default::default()
         })
@@ -1154,6 +1172,7 @@ async fn go_driver_volume_is_listed_and_publishable() {
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: "pvc-legacy".into(),
             target_path: t.to_string_lossy().into(),
+            staging_target_path: staging_for(&t),
             volume_capability: Some(rwo()),
             volume_context: v.volume_context,
             ..Default::default()

@@ -221,6 +221,7 @@ async fn node_only_expansion_hides_controller_expansion() {
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: "pvc-grow".into(),
             target_path: target.to_string_lossy().into(),
+            staging_target_path: format!("{}.staging", target.display()),
             volume_capability: Some(rwo()),
             ..Default::default()
         })

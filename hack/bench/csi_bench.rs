@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use hostpath_csi::client::Clients;
+use hostpath_csi::client::{default_staging_path, Clients};
 use hostpath_csi::proto::volume_capability::access_mode::Mode;
 use hostpath_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use hostpath_csi::proto::*;
@@ -358,17 +358,55 @@ async fn w2(
         contexts.push(r.into_inner().volume.unwrap_or_default().volume_context);
     }
     let contexts = Arc::new(contexts);
-    let (node, run_s, dir, block) = (
+    // Kubelet's flow: NodeStageVolume first when the driver asks for it.
+    let stages = c.node_stages().await.expect("NodeGetCapabilities");
+    let target_of = {
+        let dir = target_dir.to_path_buf();
+        move |name: &str| dir.join(name).to_string_lossy().into_owned()
+    };
+    let mut phases = Vec::new();
+    if stages {
+        let (node, run_s, target_of, block) = (
+            c.node.clone(),
+            run.to_owned(),
+            target_of.clone(),
+            args.block,
+        );
+        let contexts = contexts.clone();
+        phases.push(
+            run_phase("stage", count, concurrency, move |i| {
+                let mut node = node.clone();
+                let name = name_for(&run_s, i);
+                let req = NodeStageVolumeRequest {
+                    staging_target_path: default_staging_path(&target_of(&name)),
+                    volume_id: name,
+                    volume_capability: Some(capability(block)),
+                    volume_context: contexts[i].clone(),
+                    ..Default::default()
+                };
+                async move { node.node_stage_volume(req).await.map(|_| ()) }
+            })
+            .await,
+        );
+    }
+    let (node, run_s, target_of2, block) = (
         c.node.clone(),
         run.to_owned(),
-        target_dir.to_path_buf(),
+        target_of.clone(),
         args.block,
     );
     let publish = run_phase("publish", count, concurrency, move |i| {
         let mut node = node.clone();
+        let name = name_for(&run_s, i);
+        let target = target_of2(&name);
         let req = NodePublishVolumeRequest {
-            volume_id: name_for(&run_s, i),
-            target_path: dir.join(name_for(&run_s, i)).to_string_lossy().into_owned(),
+            volume_id: name,
+            staging_target_path: if stages {
+                default_staging_path(&target)
+            } else {
+                String::new()
+            },
+            target_path: target,
             volume_capability: Some(capability(block)),
             volume_context: contexts[i].clone(),
             ..Default::default()
@@ -387,6 +425,22 @@ async fn w2(
         async move { node.node_unpublish_volume(req).await.map(|_| ()) }
     })
     .await;
+    phases.extend([publish, unpublish]);
+    if stages {
+        let (node, run_s) = (c.node.clone(), run.to_owned());
+        phases.push(
+            run_phase("unstage", count, concurrency, move |i| {
+                let mut node = node.clone();
+                let name = name_for(&run_s, i);
+                let req = NodeUnstageVolumeRequest {
+                    staging_target_path: default_staging_path(&target_of(&name)),
+                    volume_id: name,
+                };
+                async move { node.node_unstage_volume(req).await.map(|_| ()) }
+            })
+            .await,
+        );
+    }
     for i in 0..count {
         let _ = ctrl
             .delete_volume(DeleteVolumeRequest {
@@ -395,7 +449,7 @@ async fn w2(
             })
             .await;
     }
-    vec![publish, unpublish]
+    phases
 }
 
 /// The same steps a durable create and delete take, straight on the filesystem.
@@ -529,9 +583,22 @@ async fn published_block(c: &Clients, name: &str, size: i64, dir: &Path) -> Path
     .expect("create the Block volume");
     std::fs::create_dir_all(dir).expect("create target dir");
     let target = dir.join(name);
+    let staging = default_staging_path(&target.to_string_lossy());
+    let stages = c.node_stages().await.expect("NodeGetCapabilities");
+    if stages {
+        node.node_stage_volume(NodeStageVolumeRequest {
+            volume_id: name.into(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(capability(true)),
+            ..Default::default()
+        })
+        .await
+        .expect("stage the Block volume");
+    }
     node.node_publish_volume(NodePublishVolumeRequest {
         volume_id: name.into(),
         target_path: target.to_string_lossy().into_owned(),
+        staging_target_path: if stages { staging } else { String::new() },
         volume_capability: Some(capability(true)),
         ..Default::default()
     })

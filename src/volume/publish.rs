@@ -359,6 +359,15 @@ impl Core {
         require_absolute("target_path", &req.target)?;
         let volume = self.get_volume(&req.volume_id)?;
         check_access_type(&volume, req.mode)?;
+        // STAGE_UNSTAGE_VOLUME is advertised, so a CO stages first and says
+        // where (the spec's FAILED_PRECONDITION); kubelet never stages an
+        // ephemeral inline volume.
+        if req.staging.is_none() && !volume.meta.ephemeral {
+            return Err(CoreError::FailedPrecondition(format!(
+                "staging_target_path is not set: call NodeStageVolume for {} first (this driver has STAGE_UNSTAGE_VOLUME)",
+                req.volume_id
+            )));
+        }
         if volume.meta.mode == VolumeMode::Block && !req.mount_flags.is_empty() {
             return Err(CoreError::InvalidArgument(
                 "mount_flags cannot be applied to a Block volume".into(),

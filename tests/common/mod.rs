@@ -375,6 +375,13 @@ pub fn tree(root: &Path) -> Vec<PathBuf> {
 }
 
 /// A path as the string a CSI request carries.
+/// A staging path to go with a publish target. Directory and Block volumes
+/// need no staged mount, but the driver has STAGE_UNSTAGE_VOLUME, so a CO
+/// always names one.
+pub fn staging_for(target: &Path) -> String {
+    format!("{}.staging", target.display())
+}
+
 pub fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
