@@ -80,6 +80,13 @@ pub async fn serve(
 ) -> Result<(), String> {
     let path = socket_path(&opts.endpoint)?;
     let pools = opts.pools.clone();
+    if opts.node_id.trim().is_empty() {
+        return Err("--nodeid must not be empty".into());
+    }
+    if opts.node_id.len() > 63 {
+        // It becomes the value of a node label, which Kubernetes caps at 63.
+        tracing::warn!(node = %opts.node_id, "--nodeid is longer than 63 characters: Kubernetes cannot label the node with topology {}, so volumes cannot be scheduled to it", crate::TOPOLOGY_KEY);
+    }
     let node_id = opts.node_id.clone();
     let core = tokio::task::spawn_blocking(move || Core::new(node_id, &pools))
         .await

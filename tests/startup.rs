@@ -36,6 +36,11 @@ fn invalid_datadir_names_the_field_and_exits_non_zero() {
     }
     let out = serve(&["--endpoint", &sock, "--nodeid", "n"]);
     assert!(!out.status.success());
+    let pool = dir.path().join("pool");
+    let json = format!(r#"[{{"name":"a","path":"{}"}}]"#, pool.display());
+    let out = serve(&["--endpoint", &sock, "--nodeid", " ", "--datadir", &json]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nodeid"));
 }
 
 #[test]
