@@ -502,7 +502,7 @@ impl Core {
                 members: member_dirs,
             },
         )?;
-        // The moment the group is taken: everything is frozen from here on.
+        // The group's creation time is when it is taken: at the freeze.
         let taken_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -523,13 +523,12 @@ impl Core {
                 return Err(e);
             }
         };
-        let now = taken_at;
         let g = GroupMeta {
             id: name.to_owned(),
             source_volume_ids: sources.to_vec(),
             member_ids: members.iter().map(|m| m.meta.id.clone()).collect(),
-            created_unix: now.as_secs() as i64,
-            created_nanos: now.subsec_nanos() as i32,
+            created_unix: taken_at.as_secs() as i64,
+            created_nanos: taken_at.subsec_nanos() as i32,
         };
         meta::write_atomic(&self.group_dir().join(format!("{name}.json")), &g)?;
         self.default_pool().sync()?;
