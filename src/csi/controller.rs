@@ -8,6 +8,7 @@ use crate::names::is_valid_name;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::rpc::Type as RpcType;
 use crate::proto::controller_service_capability::{Rpc, Type as CapType};
+use crate::proto::volume_capability::access_mode::Mode as AccessModeKind;
 use crate::proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use crate::proto::*;
 use crate::volume::{
@@ -208,7 +209,10 @@ impl Controller for CsiService {
             // (INVALID_ARGUMENT); one this volume cannot serve is answered
             // below as unconfirmed.
             for cap in &req.volume_capabilities {
-                let has_mode = cap.access_mode.as_ref().is_some_and(|m| m.mode != 0);
+                let has_mode = cap
+                    .access_mode
+                    .as_ref()
+                    .is_some_and(|m| m.mode != AccessModeKind::Unknown as i32);
                 if !has_mode || cap.access_type.is_none() {
                     return Err(CoreError::InvalidArgument(
                         "each volume capability needs an access_mode and an access_type".into(),
@@ -223,31 +227,8 @@ impl Controller for CsiService {
             };
             // Creation parameters are confirmed only when this volume could
             // have been made with them.
-            if !req.parameters.is_empty() {
-                let asked = match CreateParams::parse(&req.parameters) {
-                    Ok(p) => p,
-                    Err(e) => return Ok(unsupported(e.to_string())),
-                };
-                if asked
-                    .storage_pool
-                    .as_ref()
-                    .is_some_and(|p| p != &volume.meta.pool)
-                {
-                    return Ok(unsupported(format!(
-                        "volume {} is in pool {}, not the storagePool asked for",
-                        volume.meta.id, volume.meta.pool
-                    )));
-                }
-                match asked.layout_for(volume.meta.mode) {
-                    Ok(layout) if layout == volume.meta.layout || volume.legacy => {}
-                    Ok(layout) => {
-                        return Ok(unsupported(format!(
-                            "volume {} has layout {:?}, not {layout:?}",
-                            volume.meta.id, volume.meta.layout
-                        )))
-                    }
-                    Err(e) => return Ok(unsupported(e.to_string())),
-                }
+            if let Err(why) = volume.could_be_made_with(&req.parameters) {
+                return Ok(unsupported(why));
             }
             if let Some(p) = req.volume_context.get(params::STORAGE_POOL) {
                 if p != &volume.meta.pool {

@@ -38,6 +38,37 @@ pub struct Volume {
     pub legacy: bool,
 }
 
+impl Volume {
+    /// Whether CreateVolume `parameters` could have made this volume (for
+    /// ValidateVolumeCapabilities); the error says why not.
+    pub fn could_be_made_with(&self, parameters: &HashMap<String, String>) -> Result<(), String> {
+        if parameters.is_empty() {
+            return Ok(());
+        }
+        let asked = CreateParams::parse(parameters).map_err(|e| e.to_string())?;
+        if let Some(pool) = asked
+            .storage_pool
+            .as_ref()
+            .filter(|p| **p != self.meta.pool)
+        {
+            return Err(format!(
+                "volume {} is in pool {}, not {pool}",
+                self.meta.id, self.meta.pool
+            ));
+        }
+        let layout = asked
+            .layout_for(self.meta.mode)
+            .map_err(|e| e.to_string())?;
+        if layout != self.meta.layout && !self.legacy {
+            return Err(format!(
+                "volume {} has layout {:?}, not {layout:?}",
+                self.meta.id, self.meta.layout
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A request to create a volume, already translated from CSI.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
