@@ -261,6 +261,25 @@ fn status_json(s: tonic::Status) -> String {
     json!({"code": format!("{:?}", s.code()), "message": s.message()}).to_string()
 }
 
+async fn stage(
+    c: &Clients,
+    volume_id: &str,
+    staging_path: &str,
+    cap: &CapabilityArgs,
+) -> Result<(), String> {
+    c.node
+        .clone()
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging_path.into(),
+            volume_capability: Some(capability(cap)?),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_json)?;
+    Ok(())
+}
+
 pub async fn run(args: CtlArgs) -> Result<(), String> {
     let mut c = Clients::connect(&args.endpoint).await?;
     let out: Value = match args.command {
@@ -458,15 +477,7 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
             staging_path,
             cap,
         } => {
-            c.node
-                .node_stage_volume(NodeStageVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    staging_target_path: staging_path.clone(),
-                    volume_capability: Some(capability(&cap)?),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_json)?;
+            stage(&c, &volume_id, &staging_path, &cap).await?;
             json!({"staged": volume_id, "staging_path": staging_path})
         }
         CtlCommand::Unstage {
@@ -494,15 +505,7 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                 if staging_path.is_empty() {
                     staging_path = hostpath_csi::client::default_staging_path(&target_path);
                 }
-                c.node
-                    .node_stage_volume(NodeStageVolumeRequest {
-                        volume_id: volume_id.clone(),
-                        staging_target_path: staging_path.clone(),
-                        volume_capability: Some(capability(&cap)?),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status_json)?;
+                stage(&c, &volume_id, &staging_path, &cap).await?;
             }
             c.node
                 .node_publish_volume(NodePublishVolumeRequest {

@@ -1457,6 +1457,21 @@ async fn snapshot_path_from_datadir_is_honoured() {
 
 // ---------------------------------------------------- group snapshots
 
+/// CreateVolumeGroupSnapshot that must succeed.
+async fn take_group(d: &mut Driver, name: &str, ids: &[&str]) -> VolumeGroupSnapshot {
+    d.c.group
+        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+            name: name.into(),
+            source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap()
+}
+
 #[tokio::test]
 async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
     let fs = LoopFs::new("xfs", 4096);
@@ -1486,14 +1501,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         ..Default::default()
     };
     let members = ["vm-root", "vm-data", "vm-cfg"];
-    let g =
-        d.c.group
-            .create_volume_group_snapshot(group("vm-snap", &members))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+    let g = take_group(&mut d, "vm-snap", &members).await;
     assert!(
         writer.advances(20).await,
         "writes did not resume: the freeze was not released"
@@ -1504,14 +1512,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         assert_eq!(s.group_snapshot_id, "vm-snap");
         assert!(s.ready_to_use);
     }
-    let again =
-        d.c.group
-            .create_volume_group_snapshot(group("vm-snap", &members))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+    let again = take_group(&mut d, "vm-snap", &members).await;
     assert_eq!(again, g);
     let r =
         d.c.group
@@ -1529,14 +1530,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
             .into_inner();
     assert_eq!(got.group_snapshot.unwrap(), g);
     // The same sources in another order are the same request.
-    let reordered =
-        d.c.group
-            .create_volume_group_snapshot(group("vm-snap", &["vm-cfg", "vm-root", "vm-data"]))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+    let reordered = take_group(&mut d, "vm-snap", &["vm-cfg", "vm-root", "vm-data"]).await;
     assert_eq!(reordered, g);
     // snapshot_ids, when sent, must be the members (in any order).
     let mut member_ids: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
@@ -1611,14 +1605,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
     assert!(r.unwrap_err().message().contains("vm-data"));
     assert!(writer.advances(5).await, "a refused group left a freeze");
     // On its own it is a plain (reflink, so atomic) snapshot.
-    let alone =
-        d.c.group
-            .create_volume_group_snapshot(group("vm-live-data", &["vm-data"]))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+    let alone = take_group(&mut d, "vm-live-data", &["vm-data"]).await;
     d.c.node
         .node_unpublish_volume(unpublish_req("vm-data", &disk))
         .await
@@ -1627,14 +1614,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
     // members): retrying it replaces the leftovers instead of conflicting.
     let snapshots_dir = d.pool().join(".hostpath-csi/snapshots");
     fs::remove_file(snapshots_dir.join(".groups/vm-live-data.json")).unwrap();
-    let retried =
-        d.c.group
-            .create_volume_group_snapshot(group("vm-live-data", &["vm-data"]))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+    let retried = take_group(&mut d, "vm-live-data", &["vm-data"]).await;
     assert_eq!(retried.snapshots.len(), 1);
     assert_eq!(
         retried.snapshots[0].snapshot_id,
