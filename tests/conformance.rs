@@ -1092,6 +1092,13 @@ async fn node_stage_and_expand_validation() {
         code(&d.c.node.node_expand_volume(below).await),
         Code::OutOfRange
     );
+    // A capability of another access type than the volume's.
+    let mut as_block = ex("pvc-st", &s(d.dir.path()));
+    as_block.volume_capability = Some(block_cap(Mode::SingleNodeWriter));
+    assert_eq!(
+        code(&d.c.node.node_expand_volume(as_block).await),
+        Code::InvalidArgument
+    );
     let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest {
         volume_id: id.into(),
         volume_path: path.into(),

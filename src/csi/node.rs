@@ -184,9 +184,11 @@ impl Node for CsiService {
             let (required, limit) = req.capacity_range.as_ref().map_or((0, 0), |r| {
                 (r.required_bytes.max(0) as u64, r.limit_bytes.max(0) as u64)
             });
+            let mode = req.volume_capability.as_ref().map(node_mode).transpose()?;
             let size = core.node_expand(
                 &req.volume_id,
                 &PathBuf::from(&req.volume_path),
+                mode,
                 required,
                 limit,
             )?;

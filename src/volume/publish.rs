@@ -660,7 +660,15 @@ impl Core {
     /// `required` (0 = none) larger than the recorded capacity grows the
     /// volume here first, so expansion also works when the controller half
     /// ran on another node (a cluster-wide resizer) or not at all.
-    pub fn node_expand(&self, id: &str, path: &Path, required: u64, limit: u64) -> CoreResult<u64> {
+    /// `mode` is the capability's access type, when the CO sent one.
+    pub fn node_expand(
+        &self,
+        id: &str,
+        path: &Path,
+        mode: Option<VolumeMode>,
+        required: u64,
+        limit: u64,
+    ) -> CoreResult<u64> {
         validate_name("volume_id", id)?;
         if path.as_os_str().is_empty() {
             return Err(CoreError::InvalidArgument("volume_path is required".into()));
@@ -670,6 +678,13 @@ impl Core {
             return Err(CoreError::NotFound(format!(
                 "volume {id} is not published at {}",
                 path.display()
+            )));
+        }
+        if let Some(mode) = mode.filter(|m| *m != volume.meta.mode) {
+            // NodeExpandVolume's table: capabilities the volume exceeds.
+            return Err(CoreError::InvalidArgument(format!(
+                "volume {id} is a {:?}-mode volume; the capability asks for {mode:?}",
+                volume.meta.mode
             )));
         }
         if limit > 0 && limit < volume.meta.capacity_bytes {
