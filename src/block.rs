@@ -165,19 +165,10 @@ pub fn list_attached() -> Vec<LoopDevice> {
         else {
             continue;
         };
-        out.extend(read_attached(number));
+        out.extend(attached(number));
     }
     out.sort_by_key(|d| d.number);
     out
-}
-
-/// The device backing `file`, confirmed by device and inode numbers.
-pub fn find_attached(file: &Path) -> CoreResult<Option<PathBuf>> {
-    Ok(find_attached_device(file)?.map(|d| d.path))
-}
-
-pub fn find_attached_device(file: &Path) -> CoreResult<Option<LoopDevice>> {
-    Ok(find_attached_devices(file)?.into_iter().next())
 }
 
 /// Every device backing `file` (a read-only and a read-write publish of one
@@ -194,13 +185,9 @@ pub fn find_attached_devices(file: &Path) -> CoreResult<Vec<LoopDevice>> {
         .collect())
 }
 
-/// The attached device with this number, from sysfs.
+/// The device with this number, from its sysfs entry alone; `None` when
+/// nothing is attached to it.
 pub fn attached(number: u32) -> Option<LoopDevice> {
-    read_attached(number)
-}
-
-/// One device's sysfs entry; `None` when nothing is attached to it.
-fn read_attached(number: u32) -> Option<LoopDevice> {
     let dir = PathBuf::from(format!("/sys/block/loop{number}"));
     let backing = fs::read_to_string(dir.join("loop/backing_file")).ok()?;
     let flag = |name: &str| fs::read_to_string(dir.join(name)).is_ok_and(|v| v.trim() == "1");
@@ -352,7 +339,7 @@ fn configure_legacy(
 }
 
 /// Detaches a loop device. The kernel defers it while the device is open.
-pub fn detach(device: &LoopDevice) -> CoreResult<()> {
+fn detach(device: &LoopDevice) -> CoreResult<()> {
     let dev = open_device(device.number, false)?;
     // SAFETY: LOOP_CLR_FD takes no argument.
     match unsafe { loop_clr_fd(dev.as_raw_fd()) } {

@@ -139,8 +139,11 @@ pub fn same_filesystem(a: &Path, b: &Path) -> bool {
     if sa.dev() == sb.dev() {
         return true;
     }
+    let Ok(all) = mounts() else {
+        return false;
+    };
     let source = |path: &Path, dev: u64| {
-        containing_mount(path, dev).filter(|m| m.source.starts_with("/dev/"))
+        containing_mount(&all, path, dev).filter(|m| m.source.starts_with("/dev/"))
     };
     match (source(a, sa.dev()), source(b, sb.dev())) {
         (Some(ma), Some(mb)) => ma.source == mb.source,
@@ -150,15 +153,13 @@ pub fn same_filesystem(a: &Path, b: &Path) -> bool {
 
 /// The mount that holds `path` (as `findmnt -T`): the deepest mount point
 /// above it whose device is the path's.
-fn containing_mount(path: &Path, dev: u64) -> Option<MountInfo> {
+fn containing_mount<'a>(all: &'a [MountInfo], path: &Path, dev: u64) -> Option<&'a MountInfo> {
     let path = fs::canonicalize(path).ok()?;
     let (major, minor) = (
         nix::sys::stat::major(dev) as u32,
         nix::sys::stat::minor(dev) as u32,
     );
-    mounts()
-        .ok()?
-        .into_iter()
+    all.iter()
         .filter(|m| m.major == major && m.minor == minor && path.starts_with(&m.mount_point))
         .max_by_key(|m| m.mount_point.components().count())
 }

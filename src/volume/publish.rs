@@ -267,10 +267,7 @@ impl Core {
         if let Some(m) = mount::mount_at(staging)? {
             mount::unmount_all(staging)?;
             if m.major == LOOP_MAJOR {
-                if let Some(dev) = block::list_attached()
-                    .into_iter()
-                    .find(|d| d.number == m.minor)
-                {
+                if let Some(dev) = block::attached(m.minor) {
                     if !block::is_in_use(&dev)? {
                         block::detach_and_wait(&dev, DETACH_WAIT)?;
                     }
