@@ -389,7 +389,7 @@ async fn w2(
             .await,
         );
     }
-    let (node, run_s, target_of2, block) = (
+    let (node, run_s, publish_target_of, block) = (
         c.node.clone(),
         run.to_owned(),
         target_of.clone(),
@@ -398,7 +398,7 @@ async fn w2(
     let publish = run_phase("publish", count, concurrency, move |i| {
         let mut node = node.clone();
         let name = name_for(&run_s, i);
-        let target = target_of2(&name);
+        let target = publish_target_of(&name);
         let req = NodePublishVolumeRequest {
             volume_id: name,
             staging_target_path: if stages {
