@@ -281,7 +281,9 @@ async fn stage(
 }
 
 pub async fn run(args: CtlArgs) -> Result<(), String> {
-    let mut c = Clients::connect(&args.endpoint).await?;
+    let mut c = Clients::connect(&args.endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
     let out: Value = match args.command {
         CtlCommand::Info => {
             let r = c
