@@ -1203,6 +1203,23 @@ async fn go_driver_volume_is_listed_and_publishable() {
             .volume
             .unwrap();
     assert_eq!(again.volume_id, "pvc-legacy");
+    // Adopted with an honest capacity: what was asked, never less.
+    assert!(again.capacity_bytes >= GIB, "{}", again.capacity_bytes);
+    assert_eq!(std::fs::read(t.join("disk.img")).unwrap(), b"vm disk");
+    // A bare file is its own size: a request it cannot satisfy is refused.
+    std::fs::File::create(d.pool().join("pvc-bare"))
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let r =
+        d.c.controller
+            .create_volume(create_req(
+                "pvc-bare",
+                GIB,
+                block_cap(Mode::SingleNodeWriter),
+            ))
+            .await;
+    assert_eq!(code(&r), Code::AlreadyExists, "{r:?}");
 }
 
 #[tokio::test]

@@ -368,7 +368,7 @@ fn check_compatible(
         return conflict("mode", format!("{:?}", m.mode), format!("{:?}", req.mode));
     }
     if existing.legacy {
-        return Ok(existing);
+        return adopt(existing, req, pool);
     }
     if m.layout != layout {
         return conflict("layout", m.layout.name().into(), layout.name().into());
@@ -409,6 +409,58 @@ fn check_compatible(
             return conflict("filesystem", have.name().into(), asked.into());
         }
     }
+    Ok(existing)
+}
+
+/// A volume without metadata (the Go driver's, or a bare file) asked for
+/// again: taken over only with an honest capacity. A file is its size, so
+/// a request it cannot satisfy is ALREADY_EXISTS; a directory has no limit
+/// of its own and gets the capacity asked for, recorded from now on.
+fn adopt(mut existing: Volume, req: &CreateRequest, pool: &Pool) -> CoreResult<Volume> {
+    if existing.problem.is_some() {
+        return Err(CoreError::Conflict {
+            kind: Object::Volume,
+            id: req.name.clone(),
+            field: "metadata",
+            have: "a damaged metadata file".into(),
+            asked: "a healthy volume".into(),
+        });
+    }
+    let (required, limit) = (
+        req.required_bytes.max(0) as u64,
+        req.limit_bytes.max(0) as u64,
+    );
+    let m = &mut existing.meta;
+    if m.layout.is_file() {
+        if m.capacity_bytes < required || (limit > 0 && m.capacity_bytes > limit) {
+            return Err(CoreError::Conflict {
+                kind: Object::Volume,
+                id: req.name.clone(),
+                field: "capacity (the file's size)",
+                have: m.capacity_bytes.to_string(),
+                asked: format!(
+                    "[{required}, {}]",
+                    if limit > 0 {
+                        limit.to_string()
+                    } else {
+                        "unlimited".into()
+                    }
+                ),
+            });
+        }
+        return Ok(existing);
+    }
+    let sizing = m.layout.sizing(None);
+    m.capacity_bytes = decide_capacity(
+        sizing,
+        req.required_bytes,
+        req.limit_bytes,
+        pool.usage()?.total_bytes,
+    )?;
+    m.source = req.source.clone();
+    meta::write(&*pool.dirs()?, m)?;
+    existing.legacy = false;
+    tracing::info!(volume = %req.name, pool = %pool.name, capacity = m.capacity_bytes, "adopted a volume made without metadata (the Go driver's)");
     Ok(existing)
 }
 

@@ -120,6 +120,11 @@ impl Core {
     /// abnormal), never hidden.
     fn volume_in(&self, pool: &Pool, id: &str) -> CoreResult<Option<Volume>> {
         let path = pool.volume_path(id);
+        // A `snapshotPath` inside the pool (the Go driver's `<pool>/snapshots`)
+        // is never a volume.
+        if pool.snapshot_dir() == path {
+            return Ok(None);
+        }
         let st = match fs::symlink_metadata(&path) {
             Ok(st) => st,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -209,7 +214,7 @@ impl Core {
                     continue;
                 };
                 let Ok(ft) = entry.file_type() else { continue };
-                if ft.is_dir() || ft.is_file() {
+                if (ft.is_dir() || ft.is_file()) && pool.snapshot_dir() != entry.path() {
                     map.entry(id.to_owned()).or_insert(i);
                 }
             }
