@@ -83,3 +83,27 @@ impl Clients {
 pub fn default_staging_path(target: &str) -> String {
     format!("{target}.staging")
 }
+
+/// A volume capability: `block` access or a mount (with `fs_type` and
+/// flags), in access `mode`. The one builder the CLI, the benchmark and the
+/// tests share.
+pub fn capability(
+    mode: crate::proto::volume_capability::access_mode::Mode,
+    block: bool,
+    fs_type: &str,
+    mount_flags: &[String],
+) -> crate::proto::VolumeCapability {
+    use crate::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    crate::proto::VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: fs_type.to_owned(),
+                mount_flags: mount_flags.to_vec(),
+                volume_mount_group: String::new(),
+            })
+        }),
+    }
+}

@@ -152,7 +152,7 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
         }),
-        Command::Ctl(args) => runtime.block_on(ctl::run(args)),
+        Command::Ctl(args) => runtime.block_on(ctl::run(args)).map_err(|e| e.to_string()),
         Command::Render(args) => hostpath_csi::render::run(args),
         Command::Pool(args) => runtime.block_on(hostpath_csi::poolmount::run(args)),
     };
