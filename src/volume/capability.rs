@@ -161,7 +161,7 @@ fn unconfirmed_because(
     context: &HashMap<String, String>,
     shared: bool,
 ) -> Option<String> {
-    if let Err(why) = could_be_made_with(vol, parameters) {
+    if let Some(why) = not_made_with(vol, parameters) {
         return Some(why);
     }
     if let Some(p) = context
@@ -195,27 +195,32 @@ fn unconfirmed_because(
     }
 }
 
-/// Whether CreateVolume `parameters` could have made this volume.
-fn could_be_made_with(vol: &Volume, parameters: &HashMap<String, String>) -> Result<(), String> {
+/// Why CreateVolume `parameters` could not have made this volume, if so.
+fn not_made_with(vol: &Volume, parameters: &HashMap<String, String>) -> Option<String> {
     if parameters.is_empty() {
-        return Ok(());
+        return None;
     }
-    let asked = CreateParams::parse(parameters).map_err(|e| e.to_string())?;
+    let asked = match CreateParams::parse(parameters) {
+        Ok(p) => p,
+        Err(e) => return Some(e.to_string()),
+    };
     if let Some(pool) = asked.storage_pool.as_ref().filter(|p| **p != vol.meta.pool) {
-        return Err(format!(
+        return Some(format!(
             "volume {} is in pool {}, not {pool}",
             vol.id(),
             vol.meta.pool
         ));
     }
-    let layout = asked.layout_for(vol.meta.mode).map_err(|e| e.to_string())?;
-    if layout != vol.meta.layout && !vol.legacy {
-        return Err(format!(
+    let layout = match asked.layout_for(vol.meta.mode) {
+        Ok(l) => l,
+        Err(e) => return Some(e.to_string()),
+    };
+    (layout != vol.meta.layout && !vol.legacy).then(|| {
+        format!(
             "volume {} has layout {}, not {}",
             vol.id(),
             vol.meta.layout.name(),
             layout.name()
-        ));
-    }
-    Ok(())
+        )
+    })
 }
