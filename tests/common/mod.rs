@@ -699,26 +699,21 @@ pub fn scrape(addr: std::net::SocketAddr) -> Option<String> {
 
 /// The value of a series, given its name and exactly these labels in any order.
 pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            if n != name {
-                return None;
-            }
-            let mut have: Vec<&str> = rest.split(',').filter(|p| !p.is_empty()).collect();
-            let mut want: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{v}\""))
-                .collect();
-            have.sort();
-            want.sort();
-            (have == want).then(|| value.parse().ok())?
-        })
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let mut have: Vec<&str> = rest.split(',').filter(|p| !p.is_empty()).collect();
+        let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        have.sort();
+        want.sort();
+        (have == want).then(|| value.parse().ok())?
+    })
 }
 
 // ------------------------------------------------------------ trees
@@ -942,5 +937,47 @@ impl StopOnDrop {
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+/// Stages (creating the staging directory) and publishes, as kubelet does.
+pub async fn stage_publish(
+    c: &mut Clients,
+    id: &str,
+    target: &Path,
+    cap: VolumeCapability,
+) -> Result<(), tonic::Status> {
+    let staging = PathBuf::from(staging_for(target));
+    std::fs::create_dir_all(&staging).unwrap();
+    c.node
+        .node_stage_volume(stage_req(id, &staging, cap.clone()))
+        .await?;
+    c.node
+        .node_publish_volume(publish_req(id, target, cap))
+        .await?;
+    Ok(())
+}
+
+/// Unpublishes and unstages what `stage_publish` did.
+pub async fn unpublish_unstage(
+    c: &mut Clients,
+    id: &str,
+    target: &Path,
+) -> Result<(), tonic::Status> {
+    c.node
+        .node_unpublish_volume(unpublish_req(id, target))
+        .await?;
+    let staging = PathBuf::from(staging_for(target));
+    c.node
+        .node_unstage_volume(unstage_req(id, &staging))
+        .await?;
+    Ok(())
+}
+
+/// Runs an RPC future with a bound: a hang is a failure, not a stuck test.
+pub async fn bounded<T>(what: &str, bound: Duration, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(bound, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not return within {bound:?} (hung)"),
     }
 }
