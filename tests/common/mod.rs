@@ -981,3 +981,219 @@ pub async fn bounded<T>(what: &str, bound: Duration, f: impl std::future::Future
         Err(_) => panic!("{what} did not return within {bound:?} (hung)"),
     }
 }
+
+// ------------------------------------------------------------ volumes and snapshots
+
+/// A Filesystem (directory) volume request.
+pub fn dir_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    create_req(name, size, rwo())
+}
+
+/// A Block volume request.
+pub fn block_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    create_req(name, size, block_cap(Mode::SingleNodeWriter))
+}
+
+/// A `layout: image` (loop-mounted XFS) Filesystem volume request.
+pub fn image_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    with_params(create_req(name, size, rwo()), &[("layout", "image")])
+}
+
+/// Adds StorageClass parameters to a create request.
+pub fn with_params(mut r: CreateVolumeRequest, pairs: &[(&str, &str)]) -> CreateVolumeRequest {
+    r.parameters.extend(params(pairs));
+    r
+}
+
+/// A create request that clones volume `source`.
+pub fn clone_of(mut r: CreateVolumeRequest, source: &str) -> CreateVolumeRequest {
+    use hostpath_csi::proto::volume_content_source::{Type, VolumeSource};
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: source.into(),
+        })),
+    });
+    r
+}
+
+/// A create request that restores snapshot `snapshot`.
+pub fn restore_of(mut r: CreateVolumeRequest, snapshot: &str) -> CreateVolumeRequest {
+    use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type};
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snapshot.into(),
+        })),
+    });
+    r
+}
+
+pub fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+pub fn delete_snapshot_req(id: &str) -> DeleteSnapshotRequest {
+    DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// ControllerExpandVolume to `size` bytes.
+pub fn grow_req(id: &str, size: i64) -> ControllerExpandVolumeRequest {
+    ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// CreateVolume that must succeed.
+pub async fn create_ok(c: &mut Clients, r: CreateVolumeRequest) -> Volume {
+    let name = r.name.clone();
+    match c.controller.create_volume(r).await {
+        Ok(v) => v.into_inner().volume.expect("a volume in the response"),
+        Err(s) => panic!("CreateVolume {name}: {s:?}"),
+    }
+}
+
+/// CreateSnapshot that must succeed.
+pub async fn snapshot_ok(c: &mut Clients, name: &str, source: &str) -> Snapshot {
+    match c
+        .controller
+        .create_snapshot(snapshot_req(name, source))
+        .await
+    {
+        Ok(r) => r.into_inner().snapshot.expect("a snapshot in the response"),
+        Err(s) => panic!("CreateSnapshot {name} of {source}: {s:?}"),
+    }
+}
+
+/// The capacity ControllerGetVolume reports.
+pub async fn reported_capacity(c: &mut Clients, id: &str) -> i64 {
+    c.controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerGetVolume {id}: {s:?}"))
+        .into_inner()
+        .volume
+        .expect("a volume in the response")
+        .capacity_bytes
+}
+
+/// Every snapshot ID in one unpaged listing.
+pub async fn listed_snapshot_ids(c: &mut Clients) -> Vec<String> {
+    c.controller
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect()
+}
+
+/// Polls until a deleted volume's directory or file and everything in the
+/// pool's temp area are gone (removal may finish after DeleteVolume).
+pub async fn eventually_removed(d: &Driver, id: &str) {
+    let (path, pool) = (d.pool().join(id), d.pool().to_path_buf());
+    eventually(
+        &format!("volume {id} and the pool's temp area are emptied"),
+        EVENTUALLY,
+        || std::fs::symlink_metadata(&path).is_err() && tmp_entries(&pool).is_empty(),
+        || {
+            format!(
+                "{} exists: {}; temp area holds {:?}\ndriver log:\n{}",
+                path.display(),
+                std::fs::symlink_metadata(&path).is_ok(),
+                tmp_entries(&pool),
+                tail(&d.log(), 20)
+            )
+        },
+    )
+    .await;
+}
+
+// ------------------------------------------------------------ file contents
+
+/// Writes `len` bytes derived from `seed` (every 4 KiB block differs) and fsyncs.
+pub fn write_pattern(path: &Path, len: u64, seed: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut block = vec![0u8; 4096];
+    let mut written = 0;
+    while written < len {
+        let n = (len - written).min(4096) as usize;
+        let tag = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (written / 4096);
+        for (i, b) in block[..n].iter_mut().enumerate() {
+            *b = (tag >> ((i % 8) * 8)) as u8 ^ (i as u8);
+        }
+        f.write_all(&block[..n]).unwrap();
+        written += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// FNV-1a of a file's bytes, and its length: equal content, equal digest.
+pub fn file_digest(path: &Path) -> (u64, u64) {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let (mut h, mut len) = (0xcbf2_9ce4_8422_2325u64, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return (h, len);
+        }
+        for b in &buf[..n] {
+            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        len += n as u64;
+    }
+}
+
+/// Regular files below `root` (links are not followed) whose bytes hold `marker`.
+pub fn files_holding(root: &Path, marker: &[u8]) -> Vec<PathBuf> {
+    tree(root)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .filter(|p| {
+            std::fs::read(p).is_ok_and(|data| data.windows(marker.len()).any(|w| w == marker))
+        })
+        .collect()
+}
+
+/// Every path below `root` with its type and (for files) content digest:
+/// two equal snapshots mean nothing was changed.
+pub fn fingerprint(root: &Path) -> Vec<(PathBuf, String)> {
+    tree(root)
+        .into_iter()
+        .map(|p| {
+            let what = match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() => format!("file {:?}", file_digest(&p)),
+                Ok(m) if m.is_dir() => "dir".to_owned(),
+                Ok(m) if m.file_type().is_symlink() => {
+                    format!("link {:?}", std::fs::read_link(&p).ok())
+                }
+                Ok(_) => "other".to_owned(),
+                Err(e) => format!("gone: {e}"),
+            };
+            (p, what)
+        })
+        .collect()
+}
