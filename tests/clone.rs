@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use hostpath_csi::proto::group_controller_service_capability::rpc::Type as Group
 use hostpath_csi::proto::volume_capability::access_mode::Mode;
 use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type as Src, VolumeSource};
 use hostpath_csi::proto::*;
-use nix::fcntl::{OFlag, RenameFlags, AT_FDCWD};
+use nix::fcntl::{RenameFlags, AT_FDCWD};
 use nix::sys::stat::Mode as Perm;
 use nix::unistd::Whence;
 use tonic::Code;
@@ -1007,49 +1007,6 @@ async fn tree_clone_never_follows_links_swapped_in_during_the_copy() {
     }
     let tmp = private(&d, "tmp");
     assert!(settles(|| is_empty_dir(&tmp)).await, "leftovers in tmp");
-}
-
-fn make_deep(root: &Path, depth: usize) {
-    let mut fd: OwnedFd =
-        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
-    for _ in 0..depth {
-        nix::sys::stat::mkdirat(fd.as_fd(), "d", Perm::from_bits_truncate(0o755)).unwrap();
-        fd = nix::fcntl::openat(
-            fd.as_fd(),
-            "d",
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
-            Perm::empty(),
-        )
-        .unwrap();
-    }
-    let f = nix::fcntl::openat(
-        fd.as_fd(),
-        "leaf",
-        OFlag::O_CREAT | OFlag::O_WRONLY,
-        Perm::from_bits_truncate(0o644),
-    )
-    .unwrap();
-    nix::unistd::write(&f, b"bottom").unwrap();
-}
-
-fn depth_of(root: &Path) -> usize {
-    let mut fd: OwnedFd =
-        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
-    let mut depth = 0;
-    while let Ok(next) = nix::fcntl::openat(
-        fd.as_fd(),
-        "d",
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
-        Perm::empty(),
-    ) {
-        fd = next;
-        depth += 1;
-    }
-    let leaf = nix::fcntl::openat(fd.as_fd(), "leaf", OFlag::O_RDONLY, Perm::empty()).unwrap();
-    let mut buf = [0u8; 16];
-    let n = nix::unistd::read(&leaf, &mut buf).unwrap();
-    assert_eq!(&buf[..n], b"bottom");
-    depth
 }
 
 /// Paths longer than PATH_MAX and trees deeper than any stack: the copy
