@@ -539,30 +539,84 @@ fn log_leftovers(pool: &str, dir: BorrowedFd, name: &str) {
     }
 }
 
+/// Waits before the background removal tries a failed entry again (a
+/// tenant's process may still be changing it); after the last, the entry
+/// stays until the next start or an admin.
+const RETRY_AFTER: [std::time::Duration; 3] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(10),
+    std::time::Duration::from_secs(60),
+];
+
+/// Removes doomed entries one after the other, retrying failures later.
+/// `unremovable` counts the entries that currently could not be removed.
 fn reap(pool: &str, jobs: mpsc::Receiver<Doomed>, unremovable: &AtomicU64) {
-    while let Ok(job) = jobs.recv() {
-        if job.in_private {
-            log_leftovers(pool, job.dir.private.as_fd(), &job.name);
+    use std::time::Instant;
+    let mut later: Vec<(Instant, Doomed, usize)> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let wait = later
+            .iter()
+            .map(|(due, ..)| due.saturating_duration_since(now))
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        let mut due: Vec<(Doomed, usize)> = Vec::new();
+        match jobs.recv_timeout(wait) {
+            Ok(job) => due.push((job, 0)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) if later.is_empty() => return,
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
         }
-        let dir = if job.in_private {
-            &job.dir.private
-        } else {
-            &job.dir.tmp
-        };
-        let Ok(name) = CString::new(job.name.as_str()) else {
-            continue;
-        };
-        let label = Path::new(PRIVATE_DIR)
-            .join(if job.in_private { "" } else { "tmp" })
-            .join(&job.name);
-        match crate::tree::remove(dir.as_fd(), &name, &label) {
-            Ok(()) => tracing::debug!(pool, entry = %label.display(), "removed"),
-            Err(errors) => {
-                unremovable.fetch_add(1, Ordering::Relaxed);
-                for e in errors.iter().take(5) {
-                    tracing::warn!(pool, entry = %label.display(), error = %e, "cannot remove a leftover; it stays until an admin looks (counted in hostpath_csi_unremovable_leftovers)");
+        let now = Instant::now();
+        let (ready, waiting): (Vec<_>, Vec<_>) = later.drain(..).partition(|(at, ..)| *at <= now);
+        later = waiting;
+        due.extend(ready.into_iter().map(|(_, job, tries)| (job, tries)));
+        for (job, tries) in due {
+            let removed = reap_one(pool, &job, tries == 0);
+            match (removed, tries) {
+                (true, 0) => {}
+                (true, _) => {
+                    unremovable.fetch_sub(1, Ordering::Relaxed);
+                }
+                (false, t) => {
+                    if t == 0 {
+                        unremovable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(pause) = RETRY_AFTER.get(t) {
+                        later.push((Instant::now() + *pause, job, t + 1));
+                    }
                 }
             }
+        }
+    }
+}
+
+/// One attempt at removing a doomed entry; true when it is gone.
+fn reap_one(pool: &str, job: &Doomed, first: bool) -> bool {
+    if job.in_private && first {
+        log_leftovers(pool, job.dir.private.as_fd(), &job.name);
+    }
+    let dir = if job.in_private {
+        &job.dir.private
+    } else {
+        &job.dir.tmp
+    };
+    let Ok(name) = CString::new(job.name.as_str()) else {
+        return true;
+    };
+    let label = Path::new(PRIVATE_DIR)
+        .join(if job.in_private { "" } else { "tmp" })
+        .join(&job.name);
+    match crate::tree::remove(dir.as_fd(), &name, &label) {
+        Ok(()) => {
+            tracing::debug!(pool, entry = %label.display(), "removed");
+            true
+        }
+        Err(errors) => {
+            for e in errors.iter().take(5) {
+                tracing::warn!(pool, entry = %label.display(), error = %e, "cannot remove a leftover yet; counted in hostpath_csi_unremovable_leftovers and retried");
+            }
+            false
         }
     }
 }

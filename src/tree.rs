@@ -274,11 +274,17 @@ impl Removal {
         }
         let above = stack.last().map_or(parent, |f| f.fd());
         match unlinkat(above, frame.name.as_c_str(), UnlinkatFlags::RemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {
+            Ok(()) => {
                 if let Some(up) = stack.last_mut() {
                     up.progress = true;
                 }
             }
+            // Renamed or swapped for something else while it was emptied:
+            // the parent's next pass finds it under whatever name it has.
+            Err(Errno::ENOENT | Errno::ENOTDIR) if !stack.is_empty() => {
+                stack.last_mut().expect("not empty").progress = true;
+            }
+            Err(Errno::ENOENT) => {}
             Err(Errno::ENOTEMPTY | Errno::EEXIST) if frame.progress => match frame.rewind() {
                 Ok(()) => stack.push(frame),
                 Err(errno) => self.fail(stack, RemoveError::Io { path, errno }),

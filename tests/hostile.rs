@@ -108,7 +108,7 @@ async fn delete_refuses_a_volume_with_a_foreign_mount_inside() {
 async fn delete_removes_immutable_and_append_only_files() {
     let (_fs, mut d) = driver_on_xfs(512, &[]).await;
     let _flags = ClearFlags(d.pool().to_path_buf());
-    create_ok(&mut d.c, dir_volume("v", GIB)).await;
+    create_ok(&mut d.c, dir_volume("v", 256 * MIB)).await;
     nix::unistd::sync();
     let used_before = used_bytes(d.pool());
     let vol = d.pool().join("v");
@@ -229,11 +229,20 @@ async fn deep_and_unremovable_leftovers_never_stop_startup() {
         || scrape(addr).unwrap_or_default(),
     )
     .await;
+    // Start-up may have moved the old temp area aside (with the mount in
+    // it): find the stuck entry wherever it is now.
+    let private = d.pool().join(".hostpath-csi");
+    let stuck_now = fs::read_dir(&private)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("stuck-leftover"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("the mounted leftover vanished from {}", private.display()));
     assert_eq!(
-        fs::read(stuck.join("foreign")).unwrap(),
+        fs::read(stuck_now.join("foreign")).unwrap(),
         b"not the driver's"
     );
-    assert!(is_mount_point(&stuck));
+    assert!(is_mount_point(&stuck_now));
     d.assert_alive(pid, "sweeping leftovers");
     probe_within(&mut d.c, Duration::from_secs(5))
         .await
@@ -252,16 +261,37 @@ async fn many_leftover_files_do_not_hold_the_socket_back() {
     probe_within(&mut d.c, Duration::from_secs(5))
         .await
         .unwrap();
-    let left = count_entries(&many);
+    // Wherever start-up put the old temp area (tmp, or a trash-* beside it).
+    let private = d.pool().join(".hostpath-csi");
+    let left: usize = fs::read_dir(&private)
+        .unwrap()
+        .flatten()
+        .map(|e| count_entries(&e.path().join("many-leftover")))
+        .sum();
     assert!(
         left > 0,
         "the socket accepted only after all {MANY_FILES} leftovers were removed: start-up waits for the sweep"
     );
+    let anywhere = || {
+        fs::read_dir(&private)
+            .unwrap()
+            .flatten()
+            .any(|e| e.path().join("many-leftover").exists())
+    };
     eventually(
         "the leftover files are removed",
         EVENTUALLY,
-        || !many.exists(),
-        || format!("{} entries left", count_entries(&many)),
+        || !anywhere() && !many.exists(),
+        || {
+            format!(
+                "{:?}",
+                fs::read_dir(&private)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path())
+                    .collect::<Vec<_>>()
+            )
+        },
     )
     .await;
 }

@@ -29,8 +29,17 @@ impl Core {
         let dirs = pool.dirs()?;
         self.check_unused(&vol)?;
         let doomed = pool.tmp_name(id, "delete");
-        nix::fcntl::renameat(dirs.root.as_fd(), id, dirs.tmp.as_fd(), doomed.as_str())
-            .context(|| format!("move {} out of the pool", vol.path.display()))?;
+        let mut moved =
+            nix::fcntl::renameat(dirs.root.as_fd(), id, dirs.tmp.as_fd(), doomed.as_str());
+        if moved == Err(nix::errno::Errno::EPERM) {
+            // A pod made its volume's root immutable or append-only.
+            let name = std::ffi::CString::new(id).expect("validated names hold no NUL");
+            if crate::dirfd::clear_protection_at(dirs.root.as_fd(), &name).unwrap_or(false) {
+                moved =
+                    nix::fcntl::renameat(dirs.root.as_fd(), id, dirs.tmp.as_fd(), doomed.as_str());
+            }
+        }
+        moved.context(|| format!("move {} out of the pool", vol.path.display()))?;
         meta::remove_unsynced(&dirs, id)?;
         pool.sync_root_entries(&dirs)?;
         self.index.remove(id);
