@@ -231,7 +231,7 @@ fn mount_block(device: &Path, target: &Path) -> Result<MountOutcome> {
             ))
         }
     };
-    let project_quota = if fs_type == "xfs" {
+    let project_quota = if ImageFs::parse(&fs_type) == Some(ImageFs::Xfs) {
         match mount::mount_device(device, target, &fs_type, MsFlags::empty(), "prjquota") {
             Ok(()) => true,
             // A kernel without quota support refuses the option with EINVAL.

@@ -15,6 +15,7 @@ use nix::mount::MsFlags;
 use super::guard::Access;
 use super::{params, Core, CreateParams, CreateRequest, Layout, Volume, VolumeMode};
 use crate::error::{CoreError, CoreResult, IoContext, Object};
+use crate::fstools::ImageFs;
 use crate::mount::{self, MountInfo};
 use crate::names::validate_name;
 
@@ -306,14 +307,13 @@ impl Core {
         }
         let mut params = CreateParams::parse(attributes)?;
         params.layout = Layout::named("image");
-        let fs_type = Some(
-            if size < crate::fstools::ImageFs::Xfs.min_size() {
-                "ext4"
-            } else {
-                "xfs"
-            }
-            .to_owned(),
-        );
+        // XFS cannot be made this small; ext4 can.
+        let fs = if size < ImageFs::Xfs.min_size() {
+            ImageFs::Ext4
+        } else {
+            ImageFs::Xfs
+        };
+        let fs_type = Some(fs.name().to_owned());
         self.create_volume(&CreateRequest {
             name: id.to_owned(),
             required_bytes: size as i64,
