@@ -90,13 +90,7 @@ pub fn copy_open_into(from: &File, label: &Path, dst: &Path) -> CoreResult<Metho
 /// Copies `src` to a new file `dst` (mode 0660).
 pub fn copy_file_new(src: &Path, dst: &Path) -> CoreResult<Method> {
     let from = open_regular(src)?.ok_or_else(|| not_regular(src))?;
-    let to = nix::fcntl::open(
-        dst,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o660),
-    )
-    .context(|| format!("create {}", dst.display()))?;
-    let to = File::from(to);
+    let to = create_new(dst)?;
     let mut progress = Progress::new(src);
     let method = copy_data(&from, &to, src, dst, &mut progress)?;
     if method != Method::Reflink {
@@ -110,13 +104,7 @@ pub fn copy_file_new(src: &Path, dst: &Path) -> CoreResult<Method> {
 /// snapshots taken while a filesystem is frozen).
 pub fn reflink_file_new(src: &Path, dst: &Path) -> CoreResult<()> {
     let from = open_regular(src)?.ok_or_else(|| not_regular(src))?;
-    let to = nix::fcntl::open(
-        dst,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o660),
-    )
-    .context(|| format!("create {}", dst.display()))?;
-    let to = File::from(to);
+    let to = create_new(dst)?;
     if reflink(&from, &to) {
         return Ok(());
     }
@@ -124,6 +112,18 @@ pub fn reflink_file_new(src: &Path, dst: &Path) -> CoreResult<()> {
         "{} cannot be reflinked here, and a data copy is not taken while its filesystem is frozen",
         src.display()
     )))
+}
+
+/// Creates the new file `dst` (mode 0660) for writing; never an existing
+/// entry, never through a symlink.
+fn create_new(dst: &Path) -> CoreResult<File> {
+    nix::fcntl::open(
+        dst,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o660),
+    )
+    .map(File::from)
+    .context(|| format!("create {}", dst.display()))
 }
 
 /// Starts writeback of a whole file without waiting for it.

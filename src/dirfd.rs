@@ -79,6 +79,20 @@ fn open_by_components(dir: BorrowedFd, rel: &Path, flags: OFlag) -> nix::Result<
     )
 }
 
+/// The names in a directory (UTF-8 ones; `.` and `..` left out). For the
+/// driver's own small directories, never for a tenant's tree.
+pub fn entry_names(dir: BorrowedFd) -> Vec<String> {
+    let Ok(listing) = nix::dir::Dir::openat(dir, ".", DIR_FLAGS, Mode::empty()) else {
+        return Vec::new();
+    };
+    listing
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
+        .filter(|n| n != "." && n != "..")
+        .collect()
+}
+
 /// True when the stat is of the given file type.
 pub fn is_kind(st: &FileStat, kind: SFlag) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == kind.bits()

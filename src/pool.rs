@@ -502,15 +502,8 @@ fn trash_old_tmp(private: BorrowedFd, tmp: &str, node_tag: &str) -> nix::Result<
 
 fn trash_entries(private: BorrowedFd, node_tag: &str) -> Vec<String> {
     let prefix = format!("{TRASH_PREFIX}{node_tag}");
-    let Ok(fd) = dirfd::open_dir_at(private, ".") else {
-        return Vec::new();
-    };
-    let Ok(dir) = nix::dir::Dir::from_fd(fd) else {
-        return Vec::new();
-    };
-    dir.into_iter()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
+    dirfd::entry_names(private)
+        .into_iter()
         // A shared pool's other nodes have their own trash.
         .filter(|n| {
             n.strip_prefix(&prefix)

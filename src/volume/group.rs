@@ -400,18 +400,8 @@ pub fn recover(core: &Core) {
     let Ok(groups) = crate::dirfd::open_dir_at(dirs.snapshots.as_fd(), GROUPS) else {
         return;
     };
-    let Ok(listing) = nix::dir::Dir::openat(
-        groups.as_fd(),
-        ".",
-        crate::dirfd::DIR_FLAGS,
-        nix::sys::stat::Mode::empty(),
-    ) else {
-        return;
-    };
-    let journals: Vec<String> = listing
+    let journals: Vec<String> = crate::dirfd::entry_names(groups.as_fd())
         .into_iter()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
         .filter(|n| n.starts_with(PENDING_PREFIX))
         .collect();
     for name in journals {

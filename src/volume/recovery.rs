@@ -47,20 +47,8 @@ pub fn install(core: &Arc<Core>) {
 fn recover_pool(core: &Core, index: usize) {
     let pool = &core.pools()[index];
     let Ok(dirs) = pool.dirs() else { return };
-    let Ok(listing) = nix::dir::Dir::openat(
-        dirs.meta.as_fd(),
-        ".",
-        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    ) else {
-        return;
-    };
     let mut damaged = 0u64;
-    for entry in listing.into_iter().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == "." || name == ".." {
-            continue;
-        }
+    for name in crate::dirfd::entry_names(dirs.meta.as_fd()) {
         if name.starts_with('.') {
             // A temp file of an interrupted metadata write.
             let _ = nix::unistd::unlinkat(

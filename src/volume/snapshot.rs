@@ -376,15 +376,8 @@ fn remove_in_snapshots(pool: &Pool, name: &str) {
 /// Removes half-built and half-deleted snapshots an earlier run left.
 pub fn recover(_core: &Core, pool: &Pool) {
     let Ok(dirs) = pool.dirs() else { return };
-    let Ok(listing) =
-        nix::dir::Dir::openat(dirs.snapshots.as_fd(), ".", dirfd::DIR_FLAGS, Mode::empty())
-    else {
-        return;
-    };
-    let leftovers: Vec<String> = listing
+    let leftovers: Vec<String> = dirfd::entry_names(dirs.snapshots.as_fd())
         .into_iter()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
         .filter(|n| n.starts_with(STAGING_PREFIX))
         .collect();
     for name in leftovers {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::mount::MsFlags;
 
-use super::{file_backed, CloneRoute, Layout, LayoutKind, Sizing};
+use super::{file_backed, CloneRoute, Layout, LayoutKind, Sizing, Traits};
 use crate::block;
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::fstools::ImageFs;
@@ -56,28 +56,23 @@ fn create_empty(target: &Path) -> CoreResult<()> {
         .context(|| format!("create {}", target.display()))
 }
 
+const TRAITS: Traits = Traits {
+    name: "file",
+    describe: "Block",
+    mode: VolumeMode::Block,
+    is_file: true,
+    is_default: true,
+    selectable: false,
+    limits_size: true,
+    holds_filesystem: false,
+    freezable: false,
+};
+
 impl LayoutKind for BlockFile {
-    fn name(&self) -> &'static str {
-        "file"
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
-    fn describe(&self) -> &'static str {
-        "Block"
-    }
-    fn mode(&self) -> VolumeMode {
-        VolumeMode::Block
-    }
-    fn is_file(&self) -> bool {
-        true
-    }
-    fn is_default(&self) -> bool {
-        true
-    }
-    fn selectable(&self) -> bool {
-        false
-    }
-    fn limits_size(&self) -> bool {
-        true
-    }
+
     fn sizing(&self, _fs: Option<ImageFs>) -> Sizing {
         Sizing {
             granule: MIB,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
-use super::{CloneRoute, Layout, LayoutKind, Sizing};
+use super::{CloneRoute, Layout, LayoutKind, Sizing, Traits};
 use crate::error::{CoreResult, IoContext};
 use crate::fstools::ImageFs;
 use crate::mount::{self, MountInfo};
@@ -32,25 +32,23 @@ fn identity(path: &Path, mounts: &[MountInfo]) -> Option<(u32, u32, PathBuf)> {
     Some((major, minor, best.root.join(rel)))
 }
 
+const TRAITS: Traits = Traits {
+    name: "directory",
+    describe: "Filesystem (directory)",
+    mode: VolumeMode::Filesystem,
+    is_file: false,
+    is_default: true,
+    selectable: true,
+    limits_size: false,
+    holds_filesystem: false,
+    freezable: false,
+};
+
 impl LayoutKind for Directory {
-    fn name(&self) -> &'static str {
-        "directory"
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
-    fn describe(&self) -> &'static str {
-        "Filesystem (directory)"
-    }
-    fn mode(&self) -> VolumeMode {
-        VolumeMode::Filesystem
-    }
-    fn is_file(&self) -> bool {
-        false
-    }
-    fn is_default(&self) -> bool {
-        true
-    }
-    fn limits_size(&self) -> bool {
-        false
-    }
+
     fn sizing(&self, _fs: Option<ImageFs>) -> Sizing {
         Sizing {
             granule: 4096,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nix::mount::MsFlags;
 
-use super::{file_backed, CloneRoute, Layout, LayoutKind, Sizing};
+use super::{file_backed, CloneRoute, Layout, LayoutKind, Sizing, Traits};
 use crate::block::{self, LoopDevice};
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::fstools::{GrowStrategy, ImageFs};
@@ -54,28 +54,23 @@ fn attach_and_mount(vol: &Volume, at: &Path, flags: MsFlags) -> CoreResult<LoopD
     Ok(dev)
 }
 
+const TRAITS: Traits = Traits {
+    name: "image",
+    describe: "Filesystem (image)",
+    mode: VolumeMode::Filesystem,
+    is_file: true,
+    is_default: false,
+    selectable: true,
+    limits_size: true,
+    holds_filesystem: true,
+    freezable: true,
+};
+
 impl LayoutKind for Image {
-    fn name(&self) -> &'static str {
-        "image"
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
-    fn describe(&self) -> &'static str {
-        "Filesystem (image)"
-    }
-    fn mode(&self) -> VolumeMode {
-        VolumeMode::Filesystem
-    }
-    fn is_file(&self) -> bool {
-        true
-    }
-    fn is_default(&self) -> bool {
-        false
-    }
-    fn limits_size(&self) -> bool {
-        true
-    }
-    fn holds_filesystem(&self) -> bool {
-        true
-    }
+
     fn sizing(&self, fs: Option<ImageFs>) -> Sizing {
         Sizing {
             granule: MIB,
@@ -98,10 +93,6 @@ impl LayoutKind for Image {
 
     fn clone_route(&self, from: Layout) -> Option<CloneRoute> {
         (from.name() == "image").then_some(CloneRoute::File)
-    }
-
-    fn freezable(&self) -> bool {
-        true
     }
 
     fn stage(&self, _core: &Core, vol: &Volume, req: &StageRequest) -> CoreResult<()> {

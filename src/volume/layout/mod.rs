@@ -47,27 +47,31 @@ pub enum CloneRoute {
     DiskImageIntoFile,
 }
 
-/// What a layout is and does.
-pub trait LayoutKind: Send + Sync {
+/// What a layout is: fixed facts, one table per layout.
+#[derive(Debug)]
+pub struct Traits {
     /// The name in metadata and in `parameters.layout`.
-    fn name(&self) -> &'static str;
+    pub name: &'static str,
     /// For people: "Filesystem (directory)", "Block", ...
-    fn describe(&self) -> &'static str;
-    fn mode(&self) -> VolumeMode;
+    pub describe: &'static str,
+    pub mode: VolumeMode,
     /// The volume is a regular file (else a directory).
-    fn is_file(&self) -> bool;
+    pub is_file: bool,
     /// Chosen for its mode when the parameters name no layout.
-    fn is_default(&self) -> bool;
+    pub is_default: bool,
     /// A StorageClass may name it in `parameters.layout`.
-    fn selectable(&self) -> bool {
-        true
-    }
+    pub selectable: bool,
     /// Writes beyond the capacity fail (a hard limit).
-    fn limits_size(&self) -> bool;
+    pub limits_size: bool,
     /// The volume holds a filesystem the driver makes (its `fs_type`).
-    fn holds_filesystem(&self) -> bool {
-        false
-    }
+    pub holds_filesystem: bool,
+    /// Published volumes of this layout can be frozen (group snapshots).
+    pub freezable: bool,
+}
+
+/// What a layout does.
+pub trait LayoutKind: Send + Sync {
+    fn traits(&self) -> &'static Traits;
     fn sizing(&self, fs: Option<ImageFs>) -> Sizing;
     /// Makes a new, empty volume at `staged` (in the pool's temp area).
     fn build(&self, meta: &VolumeMeta, staged: &Path) -> CoreResult<()>;
@@ -76,10 +80,6 @@ pub trait LayoutKind: Send + Sync {
     fn holds_no_data(&self, meta: &VolumeMeta) -> bool;
     /// How a volume of layout `from` is cloned into this one.
     fn clone_route(&self, from: Layout) -> Option<CloneRoute>;
-    /// Published volumes of this layout can be frozen (group snapshots).
-    fn freezable(&self) -> bool {
-        false
-    }
     /// Makes the volume ready for publishing at the staging path.
     fn stage(&self, _core: &Core, _vol: &Volume, _req: &StageRequest) -> CoreResult<()> {
         Ok(())
@@ -113,7 +113,7 @@ pub trait LayoutKind: Send + Sync {
         Err(CoreError::Unacceptable(format!(
             "volume {} is a {} volume; preallocation applies to Block and image volumes",
             vol.id(),
-            self.describe()
+            self.traits().describe
         )))
     }
     /// Makes the node see a grown volume; returns the size now in effect.
@@ -153,22 +153,45 @@ impl std::fmt::Debug for Layout {
 }
 
 impl Layout {
+    pub fn name(&self) -> &'static str {
+        self.0.traits().name
+    }
+    pub fn describe(&self) -> &'static str {
+        self.0.traits().describe
+    }
+    pub fn mode(&self) -> VolumeMode {
+        self.0.traits().mode
+    }
+    pub fn is_file(&self) -> bool {
+        self.0.traits().is_file
+    }
+    pub fn limits_size(&self) -> bool {
+        self.0.traits().limits_size
+    }
+    pub fn holds_filesystem(&self) -> bool {
+        self.0.traits().holds_filesystem
+    }
+    pub fn freezable(&self) -> bool {
+        self.0.traits().freezable
+    }
+
     pub fn named(name: &str) -> Option<Layout> {
         REGISTERED
             .iter()
-            .find(|l| l.name() == name)
+            .find(|l| l.traits().name == name)
             .map(|l| Layout(*l))
     }
 
     /// The layout `parameters.layout` names.
     pub fn selectable(name: &str) -> CoreResult<Layout> {
         Layout::named(name)
-            .filter(|l| l.selectable())
+            .filter(|l| l.0.traits().selectable)
             .ok_or_else(|| {
                 let known: Vec<&str> = REGISTERED
                     .iter()
-                    .filter(|l| l.selectable())
-                    .map(|l| l.name())
+                    .map(|l| l.traits())
+                    .filter(|t| t.selectable)
+                    .map(|t| t.name)
                     .collect();
                 CoreError::invalid(
                     super::params::LAYOUT,
@@ -182,7 +205,7 @@ impl Layout {
     pub fn default_for(mode: VolumeMode) -> Layout {
         REGISTERED
             .iter()
-            .find(|l| l.mode() == mode && l.is_default())
+            .find(|l| l.traits().mode == mode && l.traits().is_default)
             .map(|l| Layout(*l))
             .expect("a default layout for every mode")
     }
@@ -218,7 +241,7 @@ mod tests {
     #[test]
     fn names_round_trip_and_defaults_exist() {
         for l in REGISTERED {
-            let layout = Layout::named(l.name()).unwrap();
+            let layout = Layout::named(l.traits().name).unwrap();
             let json = serde_json::to_string(&layout).unwrap();
             assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), layout);
         }
