@@ -154,7 +154,9 @@ fn main() -> ExitCode {
         }),
         Command::Ctl(args) => runtime.block_on(ctl::run(args)).map_err(|e| e.to_string()),
         Command::Render(args) => hostpath_csi::render::run(args),
-        Command::Pool(args) => runtime.block_on(hostpath_csi::poolmount::run(args)),
+        Command::Pool(args) => runtime
+            .block_on(hostpath_csi::poolmount::run(args))
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

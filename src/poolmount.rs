@@ -87,6 +87,8 @@ pub enum PoolMountError {
     InUse { target: PathBuf, users: Vec<String> },
     #[error(transparent)]
     Core(#[from] CoreError),
+    #[error("the pool task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 type Result<T> = std::result::Result<T, PoolMountError>;
@@ -405,7 +407,7 @@ pub struct UnmountArgs {
 }
 
 /// Runs a `pool` subcommand.
-pub async fn run(args: PoolArgs) -> std::result::Result<(), String> {
+pub async fn run(args: PoolArgs) -> Result<()> {
     match args.command {
         PoolCommand::Mount(a) => {
             let req = MountRequest {
@@ -414,15 +416,10 @@ pub async fn run(args: PoolArgs) -> std::result::Result<(), String> {
                 host_root: a.host_root,
             };
             if a.watch {
-                watch(req, Duration::from_secs(a.interval_secs))
-                    .await
-                    .map_err(|e| e.to_string())
+                watch(req, Duration::from_secs(a.interval_secs)).await
             } else {
                 let r = req.clone();
-                let outcome = tokio::task::spawn_blocking(move || ensure_mounted(&r))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                let outcome = tokio::task::spawn_blocking(move || ensure_mounted(&r)).await??;
                 report(&req, &outcome);
                 Ok(())
             }
@@ -431,9 +428,7 @@ pub async fn run(args: PoolArgs) -> std::result::Result<(), String> {
             let outcome = tokio::task::spawn_blocking(move || {
                 unmount_pool(&a.target, a.host_root.as_deref()).map(|o| (a.target, o))
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .await??;
             match outcome {
                 (t, UnmountOutcome::NotMounted) => println!("{}: not mounted", t.display()),
                 (t, UnmountOutcome::Unmounted) => println!("{}: unmounted", t.display()),

@@ -114,7 +114,12 @@ impl Core {
             .then(|| ImageFs::from_fs_type(req.fs_type.as_deref()))
             .transpose()?;
         if let Some(existing) = self.find_volume(&req.name)? {
-            return check_compatible(existing, req, pool, layout);
+            check_compatible(&existing, req, &pool.name, layout)?;
+            return if existing.legacy {
+                adopt(existing, req, pool)
+            } else {
+                Ok(existing)
+            };
         }
         let dirs = pool.dirs()?;
         if std::fs::symlink_metadata(pool.volume_path(&req.name)).is_ok() {
@@ -344,13 +349,14 @@ fn fill(route: CloneRoute, src: &SourceView, meta: &VolumeMeta, staged: &Path) -
 }
 
 /// The same name asked again: the same request gets the same volume; a
-/// different one is ALREADY_EXISTS, naming what differs.
+/// different one is ALREADY_EXISTS, naming what differs. A volume without
+/// metadata is held to its pool and mode only (`adopt` does the rest).
 fn check_compatible(
-    existing: Volume,
+    existing: &Volume,
     req: &CreateRequest,
-    pool: &Pool,
+    pool: &str,
     layout: Layout,
-) -> CoreResult<Volume> {
+) -> CoreResult<()> {
     let m = &existing.meta;
     let conflict = |field: &'static str, have: String, asked: String| {
         Err(CoreError::Conflict {
@@ -361,14 +367,14 @@ fn check_compatible(
             asked,
         })
     };
-    if m.pool != pool.name {
-        return conflict("pool", m.pool.clone(), pool.name.clone());
+    if m.pool != pool {
+        return conflict("pool", m.pool.clone(), pool.to_owned());
     }
     if m.mode != req.mode {
         return conflict("mode", format!("{:?}", m.mode), format!("{:?}", req.mode));
     }
     if existing.legacy {
-        return adopt(existing, req, pool);
+        return Ok(());
     }
     if m.layout != layout {
         return conflict("layout", m.layout.name().into(), layout.name().into());
@@ -409,7 +415,7 @@ fn check_compatible(
             return conflict("filesystem", have.name().into(), asked.into());
         }
     }
-    Ok(existing)
+    Ok(())
 }
 
 /// A volume without metadata (the Go driver's, or a bare file) asked for
@@ -492,6 +498,105 @@ mod tests {
         assert_eq!(
             decide_capacity(FILE, 2_000_000, 2_090_000, 10 * GIB).unwrap(),
             2_090_000 / 4096 * 4096
+        );
+    }
+
+    fn request(mode: VolumeMode, required: i64) -> CreateRequest {
+        CreateRequest {
+            name: "v".into(),
+            required_bytes: required,
+            limit_bytes: 0,
+            mode,
+            fs_type: None,
+            params: CreateParams::default(),
+            source: None,
+            ephemeral: false,
+        }
+    }
+
+    fn existing(layout: &str, capacity: u64) -> Volume {
+        let layout = Layout::named(layout).unwrap();
+        let mut meta = VolumeMeta::inferred("v", "local", !layout.is_file(), capacity);
+        meta.layout = layout;
+        meta.mode = layout.mode();
+        meta.capacity_bytes = capacity;
+        Volume {
+            meta,
+            path: "/pool/v".into(),
+            legacy: false,
+            problem: None,
+        }
+    }
+
+    #[test]
+    fn the_same_request_again_is_compatible_and_a_different_one_names_the_field() {
+        let dir = Layout::named("directory").unwrap();
+        let v = existing("directory", GIB);
+        assert!(check_compatible(
+            &v,
+            &request(VolumeMode::Filesystem, GIB as i64),
+            "local",
+            dir
+        )
+        .is_ok());
+        let field = |r: CoreResult<()>| match r {
+            Err(CoreError::Conflict { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(check_compatible(
+                &v,
+                &request(VolumeMode::Filesystem, 2 * GIB as i64),
+                "local",
+                dir
+            )),
+            "capacity"
+        );
+        assert_eq!(
+            field(check_compatible(
+                &v,
+                &request(VolumeMode::Filesystem, 1),
+                "other",
+                dir
+            )),
+            "pool"
+        );
+        assert_eq!(
+            field(check_compatible(
+                &v,
+                &request(VolumeMode::Block, 1),
+                "local",
+                dir
+            )),
+            "mode"
+        );
+        let image = Layout::named("image").unwrap();
+        assert_eq!(
+            field(check_compatible(
+                &v,
+                &request(VolumeMode::Filesystem, 1),
+                "local",
+                image
+            )),
+            "layout"
+        );
+        let mut clone = request(VolumeMode::Filesystem, 1);
+        clone.source = Some(ContentSource::Volume("src".into()));
+        assert_eq!(
+            field(check_compatible(&v, &clone, "local", dir)),
+            "content source"
+        );
+        let block = existing("file", GIB);
+        let mut bs = request(VolumeMode::Block, 1);
+        bs.params.block_size = 4096;
+        assert_eq!(
+            field(check_compatible(
+                &block,
+                &bs,
+                "local",
+                Layout::named("file").unwrap()
+            )),
+            "blockSize"
         );
     }
 
