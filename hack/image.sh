@@ -31,6 +31,10 @@
 # oci-archive tar is written by skopeo with its own timestamps, so compare
 # digests (target/image/digests), not the archive's checksum.
 #
+# On a machine shared with other builds, build first under your lock and
+# skip it here: flock /tmp/cargo.lock cargo build --release --bin hostpath-csi
+# && HPC_IMAGE_SKIP_BUILD=1 bash hack/image.sh
+#
 # Environment: HPC_APT_SOURCES (apt sources file for the base; default the
 # machine's own), HPC_IMAGE_CACHE (cache directory), HPC_IMAGE_BASE_MAX_DAYS
 # (base age limit, default 7), HPC_IMAGE_SKIP_BUILD=1 (use the binary already
@@ -125,7 +129,7 @@ flock -u 9
 
 # Layer 2: the driver.
 if [ "${HPC_IMAGE_SKIP_BUILD:-0}" != 1 ]; then
-  flock /tmp/cargo.lock cargo build --release --locked --bin hostpath-csi
+  cargo build --release --locked --bin hostpath-csi
 fi
 install -D -m 0755 "${CARGO_TARGET_DIR:-target}/release/hostpath-csi" "$tmp/driver/usr/local/bin/hostpath-csi"
 layer_tar "$tmp/driver" "$SOURCE_DATE_EPOCH" "$tmp/driver.tar" usr
