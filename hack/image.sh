@@ -27,7 +27,8 @@
 # Not reproducible: the base follows whatever package versions the mirror
 # serves today (point releases, security updates; point the apt sources at
 # snapshot.debian.org to pin them); the binary differs with the toolchain and
-# the checkout's path (rustc records source paths); and the outer
+# the checkout's and the target directory's paths (rustc records source
+# paths, including build.rs output); and the outer
 # oci-archive tar is written by skopeo with its own timestamps, so compare
 # digests (target/image/digests), not the archive's checksum.
 #
@@ -76,7 +77,7 @@ fi
 
 started=$SECONDS
 tmp=$(mktemp -d /tmp/hpc-image.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
+trap 'rm -rf --one-file-system "$tmp"' EXIT
 
 # The tar flags that make a layer depend only on its contents.
 layer_tar() { # DIR EPOCH OUT [tar args...]

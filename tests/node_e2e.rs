@@ -18,6 +18,7 @@ use std::path::Path;
 
 use e2e::kubelet::{Kind, Pod, Pv};
 use e2e::{mounted, snapshot_source, volume_source, Cluster, Steps, MIB};
+use hostpath_csi::proto::volume_capability::AccessType;
 
 /// Bytes that differ at every offset and between seeds.
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -197,7 +198,11 @@ async fn stage_and_publish_image(k: &Cluster, pv: &Pv, pod: &Pod) -> std::path::
     k.stage(pv).await;
     let staging = k.node.host(&k.kubelet.staging(pv));
     let m = mounted(&staging).unwrap_or_else(|| panic!("host does not see {}", staging.display()));
-    assert_eq!(m.fs_type, "xfs");
+    let fs_type = match &pv.capability.access_type {
+        Some(AccessType::Mount(m)) if !m.fs_type.is_empty() => m.fs_type.as_str(),
+        _ => "xfs",
+    };
+    assert_eq!(m.fs_type, fs_type);
     let target = k.publish(pv, pod).await;
     assert!(
         mounted(&target).is_some(),
@@ -262,6 +267,29 @@ async fn image(k: &mut Cluster, steps: &Steps) {
     steps.step("image: unpublished, unstaged (loop device detached), deleted");
 }
 
+/// An ext4 `layout: image` volume (a class with `csi.storage.k8s.io/fstype:
+/// ext4`): mkfs.ext4 from the image.
+async fn image_ext4(k: &mut Cluster, steps: &Steps) {
+    let mut class = k.class(true);
+    class.insert("csi.storage.k8s.io/fstype".into(), "ext4".into());
+    let pv = k.create(Kind::Filesystem, &class, 64 * MIB, None).await;
+    let pod = k.pod();
+    let target = stage_and_publish_image(k, &pv, &pod).await;
+    write_synced(&target.join("hello"), b"ext4 data");
+    let staging = k.node.host(&k.kubelet.staging(&pv));
+    assert_eq!(std::fs::read(staging.join("hello")).unwrap(), b"ext4 data");
+    k.stats(&pv, &pod).await;
+    k.unpublish(&pv, &pod).await;
+    k.unstage(&pv).await;
+    assert_eq!(
+        k.node.attached_loops(),
+        Vec::<u32>::new(),
+        "loop device detached"
+    );
+    k.delete(&pv).await;
+    steps.step("image ext4: created, staged (mkfs.ext4 in the image), published, written, read back, torn down");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the image from hack/image.sh, podman and root: run with --ignored"]
 async fn rendered_daemonset_serves_kubelet() {
@@ -271,6 +299,7 @@ async fn rendered_daemonset_serves_kubelet() {
     directory(&mut k, &steps).await;
     block(&mut k, &steps).await;
     image(&mut k, &steps).await;
+    image_ext4(&mut k, &steps).await;
     k.finish();
     steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
 }

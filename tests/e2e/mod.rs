@@ -10,6 +10,7 @@ pub mod node;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -45,6 +46,7 @@ fn load_image_once() {
     static LOADED: Mutex<bool> = Mutex::new(false);
     let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     if !*loaded {
+        node::sweep_stale();
         let archive = std::env::var("HPC_E2E_ARCHIVE")
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo("target/image/hostpath-csi.oci.tar"));
@@ -68,7 +70,9 @@ impl Steps {
     }
 
     pub fn step(&self, what: &str) {
-        eprintln!(
+        // Not eprintln!: a closed stderr (`| head`) must not panic mid-test.
+        let _ = writeln!(
+            std::io::stderr(),
             "e2e {} [{:6.2}s] {what}",
             self.test,
             self.start.elapsed().as_secs_f64()
@@ -210,7 +214,14 @@ impl Cluster {
             parameters.insert(k.into(), v);
         }
         let topology = self.topology().await;
-        let capability = self.kubelet.capability(&kind);
+        let mut capability = self.kubelet.capability(&kind);
+        // csi-provisioner takes the class's fstype out of the parameters and
+        // into the capability (and the PV).
+        if let Some(fs) = parameters.remove("csi.storage.k8s.io/fstype") {
+            if let Some(volume_capability::AccessType::Mount(m)) = &mut capability.access_type {
+                m.fs_type = fs;
+            }
+        }
         let req = CreateVolumeRequest {
             name: name.clone(),
             capacity_range: Some(CapacityRange {

@@ -4,6 +4,7 @@
 //! Dropping the node removes its containers, mounts and loop devices, even
 //! when a test fails.
 
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -299,30 +300,110 @@ pub fn logs(container: &str) -> String {
     .unwrap_or_default()
 }
 
+/// Unmounts everything below `root`, deepest first, `root` itself last.
+fn unmount_below(root: &Path) {
+    for _ in 0..4 {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = hostpath_csi::mount::parse_mountinfo(&text)
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(root))
+            .collect();
+        if points.is_empty() {
+            break;
+        }
+        points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in points {
+            let _ = umount2(&p, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn detach(loops: &[u32]) {
+    for n in loops {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(format!("/dev/loop{n}"))
+            .status();
+    }
+}
+
+/// The run tag in a node dir's name (`hpc-e2e-<tag>-<random>`), and the pid
+/// of the test process it ends with.
+fn stale_tag(dir_name: &str) -> Option<(String, String)> {
+    let (tag, _) = dir_name.strip_prefix("hpc-e2e-")?.rsplit_once('-')?;
+    let pid = tag.trim_start_matches(|c: char| !c.is_ascii_digit());
+    (!pid.is_empty()).then(|| (tag.to_owned(), pid.to_owned()))
+}
+
+/// Cleans up after e2e runs that were killed before their guards ran
+/// (SIGKILL, an abort): their containers, mounts, loop devices and dirs.
+pub fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some((tag, pid)) = stale_tag(&e.file_name().to_string_lossy()) else {
+            continue;
+        };
+        if Path::new("/proc").join(&pid).exists() {
+            continue;
+        }
+        let out = Command::new("podman")
+            .args(["ps", "--all", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("name=hpc-e2e-{tag}-"))
+            .output();
+        let names = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        for c in names.unwrap_or_default().lines() {
+            let _ = Command::new("podman")
+                .args(["rm", "--force", "--time", "0", c])
+                .output();
+        }
+        unmount_below(&e.path());
+        let files: Vec<(u64, u64)> = walk_files(&e.path())
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|st| (st.dev(), st.ino()))
+            .collect();
+        let loops: Vec<u32> = hostpath_csi::block::list_attached()
+            .into_iter()
+            .filter(|d| {
+                files
+                    .iter()
+                    .any(|&(dev, ino)| hostpath_csi::block::backs_inode(d.number, dev, ino))
+            })
+            .map(|d| d.number)
+            .collect();
+        detach(&loops);
+        let _ = std::fs::remove_dir_all(e.path());
+    }
+}
+
+fn walk_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // Not eprintln!: a closed stderr must not turn this into an abort.
             for c in &self.containers {
-                eprintln!("---- logs of {c}:\n{}", logs(c));
+                let _ = writeln!(std::io::stderr(), "---- logs of {c}:\n{}", logs(c));
             }
         }
         self.remove_containers();
-        for _ in 0..4 {
-            let mut points = self.mounts();
-            if points.is_empty() {
-                break;
-            }
-            points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-            for p in points {
-                let _ = umount2(&p, MntFlags::MNT_DETACH);
-            }
-        }
-        for n in self.attached_loops() {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(format!("/dev/loop{n}"))
-                .status();
-        }
-        let _ = umount2(self.root.path(), MntFlags::MNT_DETACH);
+        unmount_below(self.root.path());
+        detach(&self.attached_loops());
     }
 }
