@@ -1,18 +1,29 @@
 //! Loop devices through raw ioctls: attach (LOOP_CONFIGURE, direct I/O),
-//! find by backing file through sysfs, resize, detach.
+//! find by backing file, resize, detach, and which mounts use them. All
+//! knowledge of loop devices (their major, `/dev/loopN`) lives here.
 //!
-//! The kernel is the only record of which device backs which file.
+//! The kernel is the only record of which device backs which file. A
+//! backing file is identified by its device and inode numbers, never by
+//! the path the kernel kept: that is the path as the attaching process saw
+//! it, which a restarted driver in another container may not see. An
+//! index from file to devices, built from one scan and kept by attach and
+//! detach, spares each lookup a scan of every device; each hit is checked
+//! against the kernel before use.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{CoreError, CoreResult, IoContext};
+use crate::mount::MountInfo;
 
-const LOOP_MAJOR: u64 = 7;
+/// The block major number of loop devices.
+pub const LOOP_MAJOR: u32 = 7;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -81,7 +92,7 @@ fn open_loop_control(path: &Path) -> CoreResult<File> {
         .open(path)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                CoreError::FailedPrecondition(format!(
+                CoreError::NotPossibleHere(format!(
                     "loop devices are unavailable on this node ({e} opening {}): Block and image volumes need the loop module and a privileged driver",
                     path.display()
                 ))
@@ -104,25 +115,93 @@ pub struct AttachOptions {
     pub block_size: u32,
 }
 
+/// A backing file, by device and inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The file at `path` (not following a final symlink); `None` when absent.
+    pub fn of_path(path: &Path) -> CoreResult<Option<FileId>> {
+        match fs::symlink_metadata(path) {
+            Ok(st) => Ok(Some(FileId {
+                dev: st.dev(),
+                ino: st.ino(),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CoreError::io(format!("stat {}", path.display()), e)),
+        }
+    }
+}
+
 /// A loop device as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopDevice {
     pub path: PathBuf,
     pub number: u32,
+    /// As the attaching process named it (for messages only).
     pub backing_file: PathBuf,
+    pub file: FileId,
     pub read_only: bool,
     /// Detach requested while open: it goes away at the last close.
     pub autoclear: bool,
 }
 
-impl LoopDevice {
-    pub fn rdev(&self) -> u64 {
-        nix::sys::stat::makedev(LOOP_MAJOR, self.number as u64)
+/// The device node path of loop device `n`.
+pub fn device_path(n: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/loop{n}"))
+}
+
+/// Files to their loop devices; `None` until the first lookup scans.
+static INDEX: Mutex<Option<HashMap<FileId, BTreeSet<u32>>>> = Mutex::new(None);
+
+fn scan_all() -> HashMap<FileId, BTreeSet<u32>> {
+    let mut map: HashMap<FileId, BTreeSet<u32>> = HashMap::new();
+    for dev in list_attached() {
+        map.entry(dev.file).or_default().insert(dev.number);
+    }
+    map
+}
+
+fn index_note(file: FileId, n: u32, present: bool) {
+    let mut index = INDEX.lock().unwrap();
+    let Some(map) = index.as_mut() else { return };
+    if present {
+        map.entry(file).or_default().insert(n);
+    } else if let Some(set) = map.get_mut(&file) {
+        set.remove(&n);
+        if set.is_empty() {
+            map.remove(&file);
+        }
     }
 }
 
-fn device_path(n: u32) -> PathBuf {
-    PathBuf::from(format!("/dev/loop{n}"))
+/// Forgets the index, so the next lookup scans every device again (after
+/// a restart, or when devices may have been attached by someone else).
+pub fn rescan() {
+    *INDEX.lock().unwrap() = Some(scan_all());
+}
+
+/// Every device backing `file` (a read-only and a read-write publish of
+/// one volume use two), each checked against the kernel.
+pub fn devices_of(file: FileId) -> Vec<LoopDevice> {
+    let candidates: Vec<u32> = {
+        let mut index = INDEX.lock().unwrap();
+        let map = index.get_or_insert_with(scan_all);
+        map.get(&file)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for n in candidates {
+        match attached(n).filter(|d| d.file == file) {
+            Some(d) => out.push(d),
+            None => index_note(file, n, false),
+        }
+    }
+    out
 }
 
 /// Opens `/dev/loopN`, creating the node when the kernel made the device but
@@ -138,7 +217,7 @@ fn open_device(n: u32, write: bool) -> CoreResult<File> {
     };
     match open() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dev = nix::sys::stat::makedev(LOOP_MAJOR, n as u64);
+            let dev = nix::sys::stat::makedev(LOOP_MAJOR as u64, n as u64);
             let _ = nix::sys::stat::mknod(
                 &path,
                 nix::sys::stat::SFlag::S_IFBLK,
@@ -171,30 +250,33 @@ pub fn list_attached() -> Vec<LoopDevice> {
     out
 }
 
-/// Every device backing `file` (a read-only and a read-write publish of one
-/// volume use two), confirmed by device and inode numbers.
-pub fn find_attached_devices(file: &Path) -> CoreResult<Vec<LoopDevice>> {
-    let st = match fs::metadata(file) {
-        Ok(st) => st,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(CoreError::io(format!("stat {}", file.display()), e)),
-    };
-    Ok(list_attached()
-        .into_iter()
-        .filter(|d| d.backing_file == file && backs_inode(d.number, st.dev(), st.ino()))
-        .collect())
+/// Every device backing the file at `path`, by its device and inode.
+pub fn find_attached_devices(path: &Path) -> CoreResult<Vec<LoopDevice>> {
+    Ok(FileId::of_path(path)?.map(devices_of).unwrap_or_default())
 }
 
-/// The device with this number, from its sysfs entry alone; `None` when
-/// nothing is attached to it.
+/// The backing file path sysfs shows for device `n`, reading nothing else
+/// (opening the device would itself hold off a pending detach).
+fn sysfs_backing(n: u32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
+/// The device with this number, from its sysfs entry and one status
+/// ioctl; `None` when nothing is attached to it.
 pub fn attached(number: u32) -> Option<LoopDevice> {
     let dir = PathBuf::from(format!("/sys/block/loop{number}"));
     let backing = fs::read_to_string(dir.join("loop/backing_file")).ok()?;
+    let info = status(number).ok()?;
     let flag = |name: &str| fs::read_to_string(dir.join(name)).is_ok_and(|v| v.trim() == "1");
     Some(LoopDevice {
         path: device_path(number),
         number,
         backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+        file: FileId {
+            dev: info.lo_device,
+            ino: info.lo_inode,
+        },
         read_only: flag("ro"),
         autoclear: flag("loop/autoclear"),
     })
@@ -207,11 +289,6 @@ fn status(n: u32) -> CoreResult<LoopInfo64> {
     unsafe { loop_get_status64(dev.as_raw_fd(), &mut info) }
         .context(|| format!("LOOP_GET_STATUS64 on loop{n}"))?;
     Ok(info)
-}
-
-/// True when the loop device at `number` still backs the file with this inode.
-pub fn backs_inode(number: u32, dev: u64, ino: u64) -> bool {
-    matches!(status(number), Ok(info) if info.lo_inode == ino && info.lo_device == dev)
 }
 
 /// Attaches `file` to a free loop device; retries when another process takes
@@ -233,6 +310,13 @@ fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(file)
         .context(|| format!("open {}", file.display()))?;
+    let st = backing
+        .metadata()
+        .context(|| format!("stat {}", file.display()))?;
+    let file_id = FileId {
+        dev: st.dev(),
+        ino: st.ino(),
+    };
     let control = open_loop_control(Path::new(LOOP_CONTROL))?;
     let mut direct_io = opts.direct_io;
     let mut legacy = legacy_only;
@@ -276,10 +360,12 @@ fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult
                 let direct_io = fs::read_to_string(format!("/sys/block/loop{n}/loop/dio"))
                     .map_or(direct_io, |v| v.trim() == "1");
                 tracing::info!(device = %device_path(n).display(), file = %file.display(), direct_io, read_only = opts.read_only, "loop device attached");
+                index_note(file_id, n, true);
                 return Ok(LoopDevice {
                     path: device_path(n),
                     number: n,
                     backing_file: file.to_path_buf(),
+                    file: file_id,
                     read_only: opts.read_only,
                     autoclear: false,
                 });
@@ -304,7 +390,7 @@ fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult
             }
         }
     }
-    Err(CoreError::ResourceExhausted(
+    Err(CoreError::NotPossibleHere(
         "could not claim a free loop device after 256 attempts".into(),
     ))
 }
@@ -363,8 +449,9 @@ pub fn wait_detached(device: &LoopDevice, timeout: Duration) -> bool {
     // back off (this runs under the publish lock).
     let mut pause = Duration::from_micros(100);
     loop {
-        let gone = attached(device.number).is_none_or(|d| d.backing_file != device.backing_file);
+        let gone = sysfs_backing(device.number).is_none_or(|f| f != device.backing_file);
         if gone {
+            index_note(device.file, device.number, false);
             return true;
         }
         if Instant::now() >= deadline {
@@ -398,23 +485,37 @@ pub fn device_size(path: &Path) -> CoreResult<u64> {
         .context(|| format!("size of {}", path.display()))
 }
 
+/// The loop device whose node a mount binds (a published Block volume):
+/// a bind from devtmpfs (or a tmpfs /dev) of the node `loopN`.
+pub fn bound_loop(m: &MountInfo) -> Option<u32> {
+    if !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") {
+        return None;
+    }
+    m.root
+        .file_name()?
+        .to_str()?
+        .strip_prefix("loop")?
+        .parse()
+        .ok()
+}
+
+/// The loop device a filesystem mount sits on.
+pub fn mounted_loop(m: &MountInfo) -> Option<u32> {
+    (m.major == LOOP_MAJOR).then_some(m.minor)
+}
+
+/// True when one of `mounts` uses device `n`: a filesystem on it, or its
+/// node bind-mounted somewhere.
+pub fn used_by(mounts: &[MountInfo], n: u32) -> bool {
+    mounts
+        .iter()
+        .any(|m| mounted_loop(m) == Some(n) || bound_loop(m) == Some(n))
+}
+
 /// True when some mount uses the device: a filesystem on it, or its node
 /// bind-mounted somewhere (a published Block volume).
 pub fn is_in_use(device: &LoopDevice) -> CoreResult<bool> {
-    let rdev = device.rdev();
-    for m in crate::mount::mounts()? {
-        if m.major as u64 == LOOP_MAJOR && m.minor == device.number {
-            return Ok(true);
-        }
-        if matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") && m.root != Path::new("/") {
-            if let Ok(st) = fs::symlink_metadata(&m.mount_point) {
-                if st.file_type().is_block_device() && st.rdev() == rdev {
-                    return Ok(true);
-                }
-            }
-        }
-    }
-    Ok(false)
+    Ok(used_by(&crate::mount::mounts()?, device.number))
 }
 
 /// Allocates every byte of `path` up to `len`: fallocate, or zeroes written
@@ -466,7 +567,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = open_loop_control(&dir.path().join("loop-control")).unwrap_err();
         assert!(
-            matches!(&e, CoreError::FailedPrecondition(m) if m.contains("loop")),
+            matches!(&e, CoreError::NotPossibleHere(m) if m.contains("loop")),
             "{e}"
         );
     }

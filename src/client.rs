@@ -10,12 +10,24 @@ use crate::proto::group_controller_client::GroupControllerClient;
 use crate::proto::identity_client::IdentityClient;
 use crate::proto::node_client::NodeClient;
 
+/// Why a client could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Endpoint(#[from] crate::server::ServeError),
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
 /// Connects to `unix:///path` (authority `localhost`, as kubelet sends).
-pub async fn connect(endpoint: &str) -> Result<Channel, String> {
+pub async fn connect(endpoint: &str) -> Result<Channel, ClientError> {
     let path: PathBuf = crate::server::socket_path(endpoint)?;
     let display = path.display().to_string();
-    Endpoint::try_from("http://localhost")
-        .map_err(|e| e.to_string())?
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -24,7 +36,10 @@ pub async fn connect(endpoint: &str) -> Result<Channel, String> {
             }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {display}: {e}"))
+        .map_err(|source| ClientError::Connect {
+            path: display,
+            source,
+        })
 }
 
 /// All four clients on one connection.
@@ -37,7 +52,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub async fn connect(endpoint: &str) -> Result<Clients, String> {
+    pub async fn connect(endpoint: &str) -> Result<Clients, ClientError> {
         let ch = connect(endpoint).await?;
         Ok(Clients {
             identity: IdentityClient::new(ch.clone()),
@@ -67,4 +82,28 @@ impl Clients {
 /// no staging path is given: beside the target, as kubelet keeps one per PV.
 pub fn default_staging_path(target: &str) -> String {
     format!("{target}.staging")
+}
+
+/// A volume capability: `block` access or a mount (with `fs_type` and
+/// flags), in access `mode`. The one builder the CLI, the benchmark and the
+/// tests share.
+pub fn capability(
+    mode: crate::proto::volume_capability::access_mode::Mode,
+    block: bool,
+    fs_type: &str,
+    mount_flags: &[String],
+) -> crate::proto::VolumeCapability {
+    use crate::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    crate::proto::VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: fs_type.to_owned(),
+                mount_flags: mount_flags.to_vec(),
+                volume_mount_group: String::new(),
+            })
+        }),
+    }
 }

@@ -21,12 +21,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use nix::dir::{Dir, OwningIter};
 use nix::errno::Errno;
 use nix::fcntl::{openat, readlinkat, AtFlags, OFlag, AT_FDCWD};
 use nix::sys::stat::{fstat, fstatat, mkdirat, mknodat, FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{lseek, Whence};
 
+use crate::dirfd::Place;
 use crate::error::{CoreError, CoreResult, IoContext};
 
 /// CDI's name for the VM disk inside a Filesystem-mode volume.
@@ -104,6 +106,26 @@ pub fn copy_file_new(src: &Path, dst: &Path) -> CoreResult<Method> {
     Ok(method)
 }
 
+/// Reflinks `src` to a new file `dst`, or fails: never a data copy (for
+/// snapshots taken while a filesystem is frozen).
+pub fn reflink_file_new(src: &Path, dst: &Path) -> CoreResult<()> {
+    let from = open_regular(src)?.ok_or_else(|| not_regular(src))?;
+    let to = nix::fcntl::open(
+        dst,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o660),
+    )
+    .context(|| format!("create {}", dst.display()))?;
+    let to = File::from(to);
+    if reflink(&from, &to) {
+        return Ok(());
+    }
+    Err(CoreError::NotPossibleHere(format!(
+        "{} cannot be reflinked here, and a data copy is not taken while its filesystem is frozen",
+        src.display()
+    )))
+}
+
 /// Starts writeback of a whole file without waiting for it.
 fn start_writeback(file: &File) {
     // SAFETY: plain syscall on a valid descriptor; a failure shows in the wait.
@@ -127,7 +149,14 @@ fn wait_writeback(file: &File, label: &Path) -> CoreResult<()> {
 }
 
 fn not_regular(path: &Path) -> CoreError {
-    CoreError::InvalidArgument(format!("{} is not a regular file", path.display()))
+    CoreError::Unacceptable(format!("{} is not a regular file", path.display()))
+}
+
+/// Reflinks the whole of `from` into `to` (FICLONE); false where the
+/// filesystem cannot.
+pub fn reflink(from: &File, to: &File) -> bool {
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd()) }.is_ok()
 }
 
 /// See `open_regular`; `name` is looked up in `dir` without following links.
@@ -318,21 +347,40 @@ fn copy_range(
     Ok(())
 }
 
-/// One directory being copied: its source and target descriptors and the
-/// entries still to copy.
+/// One directory being copied: its source (whose entries stream from the
+/// same descriptor, so memory does not grow with the directory) and target.
 struct Level {
-    src: OwnedFd,
+    entries: OwningIter,
     dst: OwnedFd,
     st: FileStat,
     /// Path below the roots (for messages and hard links).
     rel: PathBuf,
-    pending: Vec<CString>,
+    /// Where the source directory lives: entries elsewhere are mounts.
+    place: Place,
+}
+
+impl Level {
+    fn src(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by `entries` and outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.entries.as_raw_fd()) }
+    }
+
+    /// The next entry name other than `.` and `..`.
+    fn next_name(&mut self) -> nix::Result<Option<CString>> {
+        for entry in self.entries.by_ref() {
+            let name = entry?.file_name().to_owned();
+            if name.as_bytes() != b"." && name.as_bytes() != b".." {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// What an attempt to copy one entry found.
 enum Step {
     /// Copied (or vanished); `Some` is a directory to descend into.
-    Done(Option<Level>),
+    Done(Option<Box<Level>>),
     /// The entry changed type under the copy: look again.
     Changed,
 }
@@ -340,7 +388,6 @@ enum Step {
 struct TreeCopy<'a> {
     src_root: &'a Path,
     dst_root: OwnedFd,
-    dev: u64,
     /// First copy of each multiply-linked source inode, below the target root.
     links: HashMap<(u64, u64), PathBuf>,
     progress: Progress<'a>,
@@ -363,39 +410,44 @@ pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
     };
     let src_fd = open_dir(src).map_err(|e| match e {
         Errno::ENOTDIR | Errno::ELOOP => {
-            CoreError::InvalidArgument(format!("{} is not a directory", src.display()))
+            CoreError::Unacceptable(format!("{} is not a directory", src.display()))
         }
         e => CoreError::io(format!("open {}", src.display()), e.into()),
     })?;
     let dst_fd = open_dir(dst).context(|| format!("open {}", dst.display()))?;
     let st = fstat(&src_fd).context(|| format!("stat {}", src.display()))?;
+    let place = Place::of(src_fd.as_fd()).context(|| format!("stat {}", src.display()))?;
     let mut walk = TreeCopy {
         src_root: src,
         dst_root: dst_fd
             .try_clone()
             .context(|| format!("dup {}", dst.display()))?,
-        dev: st.st_dev,
         links: HashMap::new(),
         progress: Progress::new(src),
         writeback: VecDeque::new(),
     };
-    let pending = list_dir(&src_fd).context(|| format!("list {}", src.display()))?;
+    let entries = Dir::from_fd(src_fd)
+        .context(|| format!("list {}", src.display()))?
+        .into_iter();
     let mut stack = vec![Level {
-        src: src_fd,
+        entries,
         dst: dst_fd,
         st,
         rel: PathBuf::new(),
-        pending,
+        place,
     }];
     while let Some(top) = stack.last_mut() {
-        let Some(name) = top.pending.pop() else {
+        let next = top
+            .next_name()
+            .context(|| format!("list {}", src.join(&top.rel).display()))?;
+        let Some(name) = next else {
             let done = stack.pop().expect("stack is not empty");
             walk.finish_dir(&done)?;
             continue;
         };
         if let Some(child) = walk.copy_entry(top, &name)? {
             if stack.len() >= MAX_TREE_DEPTH {
-                return Err(CoreError::FailedPrecondition(format!(
+                return Err(CoreError::NotPossibleHere(format!(
                     "{} is more than {MAX_TREE_DEPTH} directories deep; such a tree is not cloned",
                     src.display()
                 )));
@@ -410,25 +462,6 @@ pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
     Ok(())
 }
 
-/// Entry names of a directory (without `.` and `..`), last to copy first.
-fn list_dir(dir: &OwnedFd) -> nix::Result<Vec<CString>> {
-    let mut stream = nix::dir::Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for entry in stream.iter() {
-        let name = entry?.file_name().to_owned();
-        if name.as_bytes() != b"." && name.as_bytes() != b".." {
-            names.push(name);
-        }
-    }
-    names.reverse();
-    Ok(names)
-}
-
 impl TreeCopy<'_> {
     fn label(&self, parent: &Level, name: &CStr) -> PathBuf {
         self.src_root
@@ -438,7 +471,7 @@ impl TreeCopy<'_> {
 
     fn copy_entry(&mut self, parent: &Level, name: &CStr) -> CoreResult<Option<Level>> {
         for _ in 0..8 {
-            let st = match fstatat(&parent.src, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            let st = match fstatat(parent.src(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(Errno::ENOENT) => return Ok(None),
                 Err(e) => {
@@ -456,21 +489,24 @@ impl TreeCopy<'_> {
                 self.copy_node(parent, name, &st)?
             };
             if let Step::Done(level) = step {
-                return Ok(level);
+                return Ok(level.map(|l| *l));
             }
         }
-        Err(CoreError::Aborted(format!(
-            "{} kept changing while it was copied; retry the request",
-            self.label(parent, name).display()
-        )))
+        Err(CoreError::Unsettled {
+            what: self.label(parent, name),
+        })
     }
 
     fn copy_dir(&mut self, parent: &Level, name: &CStr) -> CoreResult<Step> {
         let label = || self.label(parent, name).display().to_string();
         let src = match openat(
-            &parent.src,
+            parent.src(),
             name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            OFlag::O_RDONLY
+                | OFlag::O_DIRECTORY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NONBLOCK,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
@@ -488,26 +524,28 @@ impl TreeCopy<'_> {
             Mode::empty(),
         )
         .context(|| format!("open copy of {}", label()))?;
+        let place = Place::of(src.as_fd()).context(|| format!("stat {}", label()))?;
         let level = Level {
-            pending: Vec::new(),
+            entries: Dir::from_fd(src)
+                .context(|| format!("list {}", label()))?
+                .into_iter(),
             rel: parent.rel.join(OsStr::from_bytes(name.to_bytes())),
-            src,
             dst,
             st,
+            place,
         };
-        if st.st_dev != self.dev {
-            // Another filesystem mounted inside the volume: keep only the mount point.
+        if place != parent.place {
+            // Another mount inside the volume: keep only the mount point.
             self.finish_dir(&level)?;
             return Ok(Step::Done(None));
         }
-        let pending = list_dir(&level.src).context(|| format!("list {}", label()))?;
-        Ok(Step::Done(Some(Level { pending, ..level })))
+        Ok(Step::Done(Some(Box::new(level))))
     }
 
     fn copy_file(&mut self, parent: &Level, name: &CStr) -> CoreResult<Step> {
         let label = self.label(parent, name);
         let handle = match openat(
-            &parent.src,
+            parent.src(),
             name,
             OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
@@ -555,7 +593,7 @@ impl TreeCopy<'_> {
 
     fn copy_symlink(&mut self, parent: &Level, name: &CStr, st: &FileStat) -> CoreResult<Step> {
         let label = self.label(parent, name);
-        let target = match readlinkat(&parent.src, name) {
+        let target = match readlinkat(parent.src(), name) {
             Ok(t) => t,
             Err(Errno::ENOENT) => return Ok(Step::Done(None)),
             Err(Errno::EINVAL) => return Ok(Step::Changed),
@@ -591,7 +629,7 @@ impl TreeCopy<'_> {
     /// A directory's attributes go on after its entries (they change its mtime).
     fn finish_dir(&self, level: &Level) -> CoreResult<()> {
         let label = self.src_root.join(&level.rel);
-        apply_to_fd(level.src.as_fd(), level.dst.as_fd(), &level.st, &label)
+        apply_to_fd(level.src(), level.dst.as_fd(), &level.st, &label)
     }
 }
 
@@ -639,7 +677,10 @@ fn apply_at(
     }
     // l*xattr through the directory descriptors' /proc names: no re-resolution
     // of the source path, and the final component is not followed.
-    let (src, dst) = (proc_entry(&parent.src, name), proc_entry(&parent.dst, name));
+    let (src, dst) = (
+        proc_entry(parent.src(), name),
+        proc_entry(parent.dst.as_fd(), name),
+    );
     copy_xattrs(Xattrs::Link(&src), Xattrs::Link(&dst), label)?;
     nix::sys::stat::utimensat(
         &parent.dst,
@@ -659,7 +700,7 @@ fn mtime(st: &FileStat) -> TimeSpec {
     TimeSpec::new(st.st_mtime, st.st_mtime_nsec)
 }
 
-fn proc_entry(dir: &OwnedFd, name: &CStr) -> CString {
+fn proc_entry(dir: BorrowedFd, name: &CStr) -> CString {
     let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
     path.extend_from_slice(name.to_bytes());
     CString::new(path).expect("names hold no NUL")
@@ -840,7 +881,7 @@ mod tests {
         assert!(open_regular(&dir.path().join("missing")).unwrap().is_none());
         assert!(matches!(
             copy_file_new(&fifo, &dir.path().join("x")),
-            Err(CoreError::InvalidArgument(_))
+            Err(CoreError::Unacceptable(_))
         ));
     }
 

@@ -5,7 +5,9 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod csi;
+pub mod dirfd;
 pub mod error;
+pub mod fstools;
 pub mod metrics;
 pub mod mount;
 pub mod names;
@@ -13,8 +15,8 @@ pub mod pool;
 pub mod poolmount;
 pub mod render;
 pub mod server;
+pub mod tree;
 pub mod volume;
-pub mod xfs;
 
 /// Generated CSI v1.12 types and services.
 pub mod proto {

@@ -60,6 +60,22 @@ struct ServeArgs {
     /// volume's node (what `render` deploys).
     #[arg(long)]
     node_only_expansion: bool,
+    /// Largest inline ephemeral volume a pod may ask for (a quantity).
+    #[arg(long, default_value = "1Gi", value_parser = parse_size)]
+    max_ephemeral_size: u64,
+    /// Longest a group snapshot may keep a filesystem frozen, in seconds.
+    #[arg(long, default_value_t = 10)]
+    freeze_timeout: u64,
+    /// Strict capacity accounting: GetCapacity reports only free space as
+    /// the largest volume, and creates beyond it are refused.
+    #[arg(long)]
+    strict_capacity: bool,
+}
+
+fn parse_size(q: &str) -> Result<u64, String> {
+    hostpath_csi::config::cr::parse_quantity(q)
+        .and_then(|b| u64::try_from(b).ok())
+        .ok_or_else(|| format!("{q:?} is not a quantity (e.g. 512Mi, 1Gi)"))
 }
 
 fn load_pools(args: &ServeArgs) -> Result<Vec<PoolConfig>, String> {
@@ -125,12 +141,18 @@ fn main() -> ExitCode {
                     pools,
                     metrics_addr: args.metrics_addr,
                     node_only_expansion: args.node_only_expansion,
+                    settings: hostpath_csi::volume::Settings {
+                        max_ephemeral_size: args.max_ephemeral_size,
+                        freeze_timeout: std::time::Duration::from_secs(args.freeze_timeout),
+                        strict_capacity: args.strict_capacity,
+                    },
                 },
                 shutdown_signal(),
             )
             .await
+            .map_err(|e| e.to_string())
         }),
-        Command::Ctl(args) => runtime.block_on(ctl::run(args)),
+        Command::Ctl(args) => runtime.block_on(ctl::run(args)).map_err(|e| e.to_string()),
         Command::Render(args) => hostpath_csi::render::run(args),
         Command::Pool(args) => runtime.block_on(hostpath_csi::poolmount::run(args)),
     };

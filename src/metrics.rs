@@ -37,6 +37,8 @@ pub struct Metrics {
     capacity: Family<PoolLabels, Gauge<u64, AtomicU64>>,
     available: Family<PoolLabels, Gauge<u64, AtomicU64>>,
     volumes: Family<VolumeLabels, Gauge>,
+    unremovable: Family<PoolLabels, Gauge>,
+    abnormal: Family<PoolLabels, Gauge>,
     /// A directory on the node's OS filesystem.
     os_reference: PathBuf,
 }
@@ -82,8 +84,22 @@ impl Metrics {
             "Volumes per pool and mode",
             volumes.clone(),
         );
+        let unremovable = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "hostpath_csi_unremovable_leftovers",
+            "Leftovers of deleted volumes or interrupted work the driver could not remove (a mount inside, or entries that keep changing); an admin should look",
+            unremovable.clone(),
+        );
+        let abnormal = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "hostpath_csi_abnormal_volumes",
+            "Volumes whose backing store or metadata is missing or damaged (kept, never deleted for it)",
+            abnormal.clone(),
+        );
         Metrics {
             registry,
+            unremovable,
+            abnormal,
             rpc_seconds,
             shared_with_os,
             capacity,
@@ -121,6 +137,10 @@ impl Metrics {
                 self.capacity.get_or_create(&labels).set(u.total_bytes);
                 self.available.get_or_create(&labels).set(u.available_bytes);
             }
+            self.unremovable
+                .get_or_create(&labels)
+                .set(pool.unremovable_leftovers() as i64);
+            self.abnormal.get_or_create(&labels).set(0);
             for mode in ["filesystem", "block"] {
                 self.volumes
                     .get_or_create(&VolumeLabels {
@@ -132,6 +152,13 @@ impl Metrics {
         }
         if let Ok(all) = core.all_volumes() {
             for v in all {
+                if core.volume_problem(&v).is_some() {
+                    self.abnormal
+                        .get_or_create(&PoolLabels {
+                            pool: v.meta.pool.clone(),
+                        })
+                        .inc();
+                }
                 let mode = match v.meta.mode {
                     VolumeMode::Filesystem => "filesystem",
                     VolumeMode::Block => "block",

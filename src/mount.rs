@@ -88,6 +88,11 @@ pub fn mounts() -> CoreResult<Vec<MountInfo>> {
     Ok(parse_mountinfo(&text))
 }
 
+/// The topmost mount at exactly `path` among `mounts`, if any.
+pub fn topmost<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
 /// The topmost mount at exactly `path`, if any.
 pub fn mount_at(path: &Path) -> CoreResult<Option<MountInfo>> {
     if statx_mount_root(path) == Some(false) {
@@ -204,9 +209,11 @@ pub fn parse_mount_flags(options: &[String]) -> CoreResult<MsFlags> {
     for option in options {
         for part in option.split(',').filter(|p| !p.is_empty()) {
             flags |= flag_for_option(part).ok_or_else(|| {
-                CoreError::InvalidArgument(format!(
-                    "mount flag {part:?} is not supported (supported: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime, sync)"
-                ))
+                CoreError::invalid(
+                    "mount_flags",
+                    part,
+                    "supported: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime, sync",
+                )
             })?;
         }
     }

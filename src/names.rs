@@ -21,18 +21,22 @@ pub fn is_valid_name(name: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Checks `name` and explains what is wrong with it; `what` names the field.
-pub fn validate_name(what: &str, name: &str) -> Result<(), CoreError> {
+/// Checks `name` and explains what is wrong with it; `field` names the
+/// request field it came from.
+pub fn validate_name(field: &'static str, name: &str) -> Result<(), CoreError> {
     if name.is_empty() {
-        return Err(CoreError::InvalidArgument(format!("{what} is required")));
+        return Err(CoreError::Required { field });
     }
     if is_valid_name(name) {
         return Ok(());
     }
-    let shown: String = name.chars().take(64).collect();
-    Err(CoreError::InvalidArgument(format!(
-        "{what} {shown:?} is not valid: use 1-{MAX_NAME_LEN} ASCII letters, digits, '-', '_' or '.', not starting with '.'"
-    )))
+    Err(CoreError::invalid(
+        field,
+        name,
+        format!(
+            "use 1-{MAX_NAME_LEN} ASCII letters, digits, '-', '_' or '.', not starting with '.'"
+        ),
+    ))
 }
 
 #[cfg(test)]

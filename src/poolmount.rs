@@ -14,11 +14,11 @@ use nix::mount::MsFlags;
 
 use crate::block;
 use crate::error::{CoreError, IoContext};
+use crate::fstools::{self, ImageFs, Probe};
 use crate::mount::{self, MountInfo};
-use crate::xfs::{self, Probe};
 
 /// Filesystem made on a blank device (with reflink on, see `xfs`).
-pub const POOL_FILESYSTEM: &str = "xfs";
+pub const POOL_FILESYSTEM: ImageFs = ImageFs::Xfs;
 
 /// What to mount where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,11 +209,11 @@ pub fn ensure_mounted(req: &MountRequest) -> Result<MountOutcome> {
 }
 
 fn mount_block(device: &Path, target: &Path) -> Result<MountOutcome> {
-    let (fs_type, formatted) = match xfs::probe(device)? {
+    let (fs_type, formatted) = match fstools::probe(device)? {
         Probe::Blank => {
             tracing::info!(device = %device.display(), "blank device: making an XFS filesystem");
-            xfs::make_filesystem(device, POOL_FILESYSTEM)?;
-            (POOL_FILESYSTEM.to_owned(), true)
+            POOL_FILESYSTEM.make(device)?;
+            (POOL_FILESYSTEM.name().to_owned(), true)
         }
         Probe::Filesystem(t) => (t, false),
         Probe::PartitionTable(pt) => {
@@ -231,7 +231,7 @@ fn mount_block(device: &Path, target: &Path) -> Result<MountOutcome> {
             ))
         }
     };
-    let project_quota = if fs_type == "xfs" {
+    let project_quota = if ImageFs::parse(&fs_type) == Some(ImageFs::Xfs) {
         match mount::mount_device(device, target, &fs_type, MsFlags::empty(), "prjquota") {
             Ok(()) => true,
             // A kernel without quota support refuses the option with EINVAL.

@@ -47,7 +47,8 @@ async fn identity_reports_name_capabilities_and_readiness() {
             .unwrap()
             .into_inner();
     assert_eq!(probe.ready, Some(true));
-    // A pool that disappears makes the driver not ready (but Probe still answers).
+    // A pool that disappears must not fail the liveness probe: Probe stays
+    // ready, and the pool itself refuses work until it is back.
     std::fs::rename(d.pool(), d.path("moved-pool")).unwrap();
     let probe =
         d.c.identity
@@ -55,7 +56,12 @@ async fn identity_reports_name_capabilities_and_readiness() {
             .await
             .unwrap()
             .into_inner();
-    assert_eq!(probe.ready, Some(false));
+    assert_eq!(probe.ready, Some(true));
+    let r =
+        d.c.controller
+            .create_volume(create_req("pvc-late", GIB, rwo()))
+            .await;
+    assert_eq!(code(&r), Code::Unavailable, "{r:?}");
 }
 
 #[tokio::test]
@@ -1197,6 +1203,23 @@ async fn go_driver_volume_is_listed_and_publishable() {
             .volume
             .unwrap();
     assert_eq!(again.volume_id, "pvc-legacy");
+    // Adopted with an honest capacity: what was asked, never less.
+    assert!(again.capacity_bytes >= GIB, "{}", again.capacity_bytes);
+    assert_eq!(std::fs::read(t.join("disk.img")).unwrap(), b"vm disk");
+    // A bare file is its own size: a request it cannot satisfy is refused.
+    std::fs::File::create(d.pool().join("pvc-bare"))
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let r =
+        d.c.controller
+            .create_volume(create_req(
+                "pvc-bare",
+                GIB,
+                block_cap(Mode::SingleNodeWriter),
+            ))
+            .await;
+    assert_eq!(code(&r), Code::AlreadyExists, "{r:?}");
 }
 
 #[tokio::test]
@@ -1468,10 +1491,17 @@ async fn clone_volume_copies_content() {
         Code::OutOfRange
     );
     assert!(!d.pool().join("pvc-c").exists() && !d.pool().join("pvc-d").exists());
-    assert!(std::fs::read_dir(d.pool().join(".hostpath-csi/tmp"))
-        .unwrap()
-        .next()
-        .is_none());
+    // What a failed create built is removed in the background.
+    let tmp = d.pool().join(".hostpath-csi/tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_dir(&tmp).unwrap().next().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leftovers stay in {}",
+            tmp.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -1545,7 +1575,9 @@ async fn ephemeral_inline_volume_lives_from_publish_to_unpublish() {
     d.c.node.node_publish_volume(req.clone()).await.unwrap();
     d.c.node.node_publish_volume(req.clone()).await.unwrap();
     std::fs::write(target.join("scratch"), b"tmp").unwrap();
-    assert!(d.pool().join("csi-0123456789abcdef/scratch").exists());
+    // Pod authors size it, so it is a hard limit: an image volume.
+    assert!(d.pool().join("csi-0123456789abcdef").is_file());
+    assert_eq!(mounts_under(&target), vec![target.clone()]);
     let v =
         d.c.controller
             .controller_get_volume(ControllerGetVolumeRequest {
@@ -1567,14 +1599,15 @@ async fn ephemeral_inline_volume_lives_from_publish_to_unpublish() {
         "ephemeral volume removed with its last publish"
     );
     assert!(!target.exists());
-    // Image layout cannot work without staging.
-    context.insert("layout".into(), "image".into());
+    // Above the node's cap (serve --max-ephemeral-size, 1Gi by default).
+    context.insert("size".into(), "2Gi".into());
     let mut bad = req;
     bad.volume_context = context;
     assert_eq!(
         code(&d.c.node.node_publish_volume(bad).await),
         Code::InvalidArgument
     );
+    assert!(!d.pool().join("csi-0123456789abcdef").exists());
 }
 
 /// The GroupController checks csi-sanity makes.

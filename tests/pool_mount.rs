@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use hostpath_csi::fstools::{self as xfs, ImageFs, Probe};
 use hostpath_csi::mount;
-use hostpath_csi::xfs::{self, Probe};
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
@@ -186,7 +186,10 @@ fn blkid_value(device: &Path, key: &str) -> Option<String> {
 
 /// Formats `device` and leaves `marker` with `content` on it.
 fn filesystem_with_marker(device: &Path, fs_type: &str, content: &str) {
-    xfs::make_filesystem(device, fs_type).unwrap();
+    ImageFs::parse(fs_type)
+        .expect("xfs or ext4")
+        .make(device)
+        .unwrap();
     let scratch = TempDir::new().unwrap();
     let _guard = Unmount(scratch.path().to_owned());
     mount::mount_device(

@@ -1,19 +1,20 @@
+//! The Controller service: volumes, snapshots, capacity.
+
 use std::collections::HashMap;
 
 use tonic::{Request, Response, Status};
 
-use super::{check_capabilities, mount_fs_type, CsiService};
-use crate::error::{CoreError, CoreResult};
+use super::{capabilities, CsiService, Lane};
+use crate::error::{required, CoreError, CoreResult};
 use crate::names::is_valid_name;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::rpc::Type as RpcType;
 use crate::proto::controller_service_capability::{Rpc, Type as CapType};
-use crate::proto::volume_capability::access_mode::Mode as AccessModeKind;
 use crate::proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use crate::proto::*;
-use crate::volume::{
-    params, snapshot::Snapshot, ContentSource, Core, CreateParams, CreateRequest, Volume,
-};
+use crate::volume::capability::{check_capabilities, check_capability, fs_type_of, Validation};
+use crate::volume::snapshot::{Snapshot, Take};
+use crate::volume::{params, ContentSource, Core, CreateParams, CreateRequest, Volume};
 
 const ADVERTISED: &[RpcType] = &[
     RpcType::CreateDeleteVolume,
@@ -25,16 +26,10 @@ const ADVERTISED: &[RpcType] = &[
     RpcType::CloneVolume,
     RpcType::ExpandVolume,
     RpcType::GetVolume,
+    RpcType::VolumeCondition,
     RpcType::SingleNodeMultiWriter,
     RpcType::ModifyVolume,
 ];
-
-fn required(what: &str, value: &str) -> CoreResult<()> {
-    if value.is_empty() {
-        return Err(CoreError::InvalidArgument(format!("{what} is required")));
-    }
-    Ok(())
-}
 
 /// The CSI view of a volume.
 pub(super) fn volume_message(core: &Core, v: &Volume) -> crate::proto::Volume {
@@ -63,6 +58,14 @@ pub(super) fn volume_message(core: &Core, v: &Volume) -> crate::proto::Volume {
     }
 }
 
+fn condition(core: &Core, v: &Volume) -> VolumeCondition {
+    let problem = core.volume_problem(v);
+    VolumeCondition {
+        abnormal: problem.is_some(),
+        message: problem.unwrap_or_else(|| "volume is healthy".into()),
+    }
+}
+
 pub(super) fn snapshot_message(s: &Snapshot) -> crate::proto::Snapshot {
     crate::proto::Snapshot {
         size_bytes: s.meta.size_bytes as i64,
@@ -77,75 +80,166 @@ pub(super) fn snapshot_message(s: &Snapshot) -> crate::proto::Snapshot {
     }
 }
 
-/// True when a topology names this node.
-fn names_node(core: &Core, t: &Topology) -> bool {
-    t.segments.get(crate::TOPOLOGY_KEY) == Some(&core.node_id)
-}
-
 fn source_of(src: &Option<VolumeContentSource>) -> CoreResult<Option<ContentSource>> {
     let Some(src) = src else { return Ok(None) };
-    match &src.r#type {
-        Some(SourceType::Volume(v)) => {
-            required("volume_content_source.volume.volume_id", &v.volume_id)?;
-            if !is_valid_name(&v.volume_id) {
-                return Err(CoreError::NotFound(format!(
-                    "source volume {:?} does not exist",
-                    v.volume_id
-                )));
-            }
-            Ok(Some(ContentSource::Volume(v.volume_id.clone())))
-        }
+    let (kind, id) = match &src.r#type {
+        Some(SourceType::Volume(v)) => ("volume_content_source.volume.volume_id", &v.volume_id),
         Some(SourceType::Snapshot(s)) => {
-            required("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?;
-            if !is_valid_name(&s.snapshot_id) {
-                return Err(CoreError::NotFound(format!(
-                    "source snapshot {:?} does not exist",
-                    s.snapshot_id
-                )));
-            }
-            Ok(Some(ContentSource::Snapshot(s.snapshot_id.clone())))
+            ("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)
         }
-        None => Err(CoreError::InvalidArgument(
-            "volume_content_source names no source".into(),
-        )),
+        None => {
+            return Err(CoreError::Unacceptable(
+                "volume_content_source names no source".into(),
+            ))
+        }
+    };
+    required(kind, id)?;
+    let valid = is_valid_name(id);
+    Ok(Some(match &src.r#type {
+        // A name no volume can have does not exist: NOT_FOUND.
+        Some(SourceType::Volume(_)) if !valid => {
+            return Err(missing_source(crate::error::Object::SourceVolume, id))
+        }
+        Some(SourceType::Snapshot(_)) if !valid => {
+            return Err(missing_source(crate::error::Object::SourceSnapshot, id))
+        }
+        Some(SourceType::Volume(_)) => ContentSource::Volume(id.clone()),
+        _ => ContentSource::Snapshot(id.clone()),
+    }))
+}
+
+fn missing_source(kind: crate::error::Object, id: &str) -> CoreError {
+    CoreError::Missing {
+        kind,
+        id: id.chars().take(64).collect(),
+        node: "this node".into(),
     }
+}
+
+/// The node values of the topology key in a request's requisite topologies.
+fn requisite_nodes(reqs: &Option<TopologyRequirement>) -> Vec<Option<String>> {
+    reqs.iter()
+        .flat_map(|r| r.requisite.iter())
+        .map(|t| t.segments.get(crate::TOPOLOGY_KEY).cloned())
+        .collect()
 }
 
 fn create(core: &Core, req: CreateVolumeRequest) -> CoreResult<CreateVolumeResponse> {
     required("name", &req.name)?;
     crate::names::validate_name("name", &req.name)?;
-    let mut create_params = CreateParams::parse(&req.parameters)?;
-    // The spec: mutable_parameters take precedence over parameters.
-    if let Some(prealloc) = params::parse_mutable(&req.mutable_parameters)? {
-        create_params.preallocate = prealloc;
-    }
-    let pool = core.pool(create_params.storage_pool.as_deref())?;
-    let mode = check_capabilities(&req.volume_capabilities, pool.shared)?;
-    if let Some(reqs) = &req.accessibility_requirements {
-        if !pool.shared
-            && !reqs.requisite.is_empty()
-            && !reqs.requisite.iter().any(|t| names_node(core, t))
-        {
-            return Err(CoreError::ResourceExhausted(format!(
-                "node {} is not among the requisite topologies; pool {} is local to it",
-                core.node_id, pool.name
-            )));
-        }
-    }
+    let params = CreateParams::parse_with_mutable(&req.parameters, &req.mutable_parameters)?;
+    let pool = core.pool(params.storage_pool.as_deref())?;
+    let caps = capabilities(&req.volume_capabilities);
+    let mode = check_capabilities(&caps, pool.shared)?;
+    core.check_topology(
+        pool.shared,
+        &requisite_nodes(&req.accessibility_requirements),
+    )?;
     let range = req.capacity_range.unwrap_or_default();
-    let request = CreateRequest {
+    let volume = core.create_volume(&CreateRequest {
         name: req.name.clone(),
         required_bytes: range.required_bytes,
         limit_bytes: range.limit_bytes,
         mode,
-        fs_type: mount_fs_type(&req.volume_capabilities),
-        params: create_params,
+        fs_type: fs_type_of(&caps),
+        params,
         source: source_of(&req.volume_content_source)?,
         ephemeral: false,
-    };
-    let volume = core.create_volume(&request)?;
+    })?;
     Ok(CreateVolumeResponse {
         volume: Some(volume_message(core, &volume)),
+    })
+}
+
+/// Copies and filesystems are heavy; an empty directory or sparse file is not.
+fn create_lane(req: &CreateVolumeRequest) -> Lane {
+    let heavy_param = |k: &str, v: &str| {
+        req.parameters
+            .get(k)
+            .or(req.mutable_parameters.get(k))
+            .is_some_and(|x| x == v)
+    };
+    if req.volume_content_source.is_some()
+        || heavy_param(params::LAYOUT, "image")
+        || heavy_param(params::PREALLOCATION, "true")
+    {
+        Lane::Heavy
+    } else {
+        Lane::Quick
+    }
+}
+
+fn validate(
+    core: &Core,
+    req: ValidateVolumeCapabilitiesRequest,
+) -> CoreResult<ValidateVolumeCapabilitiesResponse> {
+    required("volume_id", &req.volume_id)?;
+    let caps = capabilities(&req.volume_capabilities);
+    Ok(
+        match core.validate_capabilities(
+            &req.volume_id,
+            &caps,
+            &req.parameters,
+            &req.volume_context,
+        )? {
+            Validation::Confirmed => ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+            Validation::Unconfirmed(message) => ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            },
+        },
+    )
+}
+
+fn capacity(core: &Core, req: GetCapacityRequest) -> CoreResult<GetCapacityResponse> {
+    let params = CreateParams::parse(&req.parameters)?;
+    let pool = core.pool(params.storage_pool.as_deref())?;
+    if !req.volume_capabilities.is_empty() {
+        check_capabilities(&capabilities(&req.volume_capabilities), pool.shared)?;
+    }
+    let elsewhere = req
+        .accessible_topology
+        .as_ref()
+        .is_some_and(|t| t.segments.get(crate::TOPOLOGY_KEY) != Some(&core.node_id));
+    let c = core.capacity(pool, elsewhere && !pool.shared)?;
+    Ok(GetCapacityResponse {
+        available_capacity: c.available as i64,
+        maximum_volume_size: Some(c.maximum as i64),
+        minimum_volume_size: None,
+    })
+}
+
+fn expand(
+    core: &Core,
+    req: ControllerExpandVolumeRequest,
+) -> CoreResult<ControllerExpandVolumeResponse> {
+    required("volume_id", &req.volume_id)?;
+    let range = req.capacity_range.ok_or(CoreError::Required {
+        field: "capacity_range",
+    })?;
+    if let Some(cap) = &req.volume_capability {
+        let volume = core.get_volume(&req.volume_id)?;
+        let shared = core.pool_of(&volume)?.shared;
+        let mode = check_capability(&super::capability(cap), shared)?;
+        if mode != volume.meta.mode {
+            return Err(CoreError::Unacceptable(format!(
+                "volume {} is {:?} mode, the capability says {mode:?}",
+                volume.meta.id, volume.meta.mode
+            )));
+        }
+    }
+    let e = core.expand_volume(&req.volume_id, range.required_bytes, range.limit_bytes)?;
+    Ok(ControllerExpandVolumeResponse {
+        capacity_bytes: e.capacity_bytes as i64,
+        node_expansion_required: e.node_expansion_required,
     })
 }
 
@@ -156,8 +250,8 @@ impl Controller for CsiService {
         request: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
         let req = request.into_inner();
-        let name = req.name.clone();
-        self.run("CreateVolume", &name, move |core| create(core, req))
+        let (name, lane) = (req.name.clone(), create_lane(&req));
+        self.run("CreateVolume", &name, lane, move |core| create(core, req))
             .await
     }
 
@@ -166,7 +260,7 @@ impl Controller for CsiService {
         request: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let id = request.into_inner().volume_id;
-        self.run("DeleteVolume", &id.clone(), move |core| {
+        self.run("DeleteVolume", &id.clone(), Lane::Quick, move |core| {
             required("volume_id", &id)?;
             core.delete_volume(&id)?;
             Ok(DeleteVolumeResponse {})
@@ -198,73 +292,12 @@ impl Controller for CsiService {
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("ValidateVolumeCapabilities", &id, move |core| {
-            required("volume_id", &req.volume_id)?;
-            if req.volume_capabilities.is_empty() {
-                return Err(CoreError::InvalidArgument(
-                    "volume_capabilities are required".into(),
-                ));
-            }
-            // A capability without an access mode or type is malformed
-            // (INVALID_ARGUMENT); one this volume cannot serve is answered
-            // below as unconfirmed.
-            for cap in &req.volume_capabilities {
-                let has_mode = cap
-                    .access_mode
-                    .as_ref()
-                    .is_some_and(|m| m.mode != AccessModeKind::Unknown as i32);
-                if !has_mode || cap.access_type.is_none() {
-                    return Err(CoreError::InvalidArgument(
-                        "each volume capability needs an access_mode and an access_type".into(),
-                    ));
-                }
-            }
-            let volume = core.get_volume(&req.volume_id)?;
-            let pool = core.pool_of(&volume)?;
-            let unsupported = |message: String| ValidateVolumeCapabilitiesResponse {
-                confirmed: None,
-                message,
-            };
-            // Creation parameters are confirmed only when this volume could
-            // have been made with them.
-            if let Err(why) = volume.could_be_made_with(&req.parameters) {
-                return Ok(unsupported(why));
-            }
-            if let Some(p) = req.volume_context.get(params::STORAGE_POOL) {
-                if p != &volume.meta.pool {
-                    return Ok(unsupported(format!(
-                        "volume {} is in pool {}, not {p}",
-                        volume.meta.id, volume.meta.pool
-                    )));
-                }
-            }
-            // An image volume holds one filesystem; it cannot be mounted as another.
-            let asked_fs = mount_fs_type(&req.volume_capabilities);
-            if let (Some(have), Some(asked)) = (&volume.meta.fs_type, &asked_fs) {
-                if have != asked {
-                    return Ok(unsupported(format!(
-                        "volume {} holds {have}, not {asked}",
-                        volume.meta.id
-                    )));
-                }
-            }
-            match check_capabilities(&req.volume_capabilities, pool.shared) {
-                Ok(mode) if mode == volume.meta.mode => Ok(ValidateVolumeCapabilitiesResponse {
-                    confirmed: Some(validate_volume_capabilities_response::Confirmed {
-                        volume_context: req.volume_context,
-                        volume_capabilities: req.volume_capabilities,
-                        parameters: req.parameters,
-                        mutable_parameters: req.mutable_parameters,
-                    }),
-                    message: String::new(),
-                }),
-                Ok(mode) => Ok(unsupported(format!(
-                    "volume {} is {:?} mode, not {mode:?}",
-                    volume.meta.id, volume.meta.mode
-                ))),
-                Err(e) => Ok(unsupported(e.to_string())),
-            }
-        })
+        self.run(
+            "ValidateVolumeCapabilities",
+            &id,
+            Lane::Quick,
+            move |core| validate(core, req),
+        )
         .await
     }
 
@@ -273,14 +306,17 @@ impl Controller for CsiService {
         request: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        self.run("ListVolumes", "", move |core| {
+        self.run("ListVolumes", "", Lane::Quick, move |core| {
             let (page, next_token) = core.list_volumes(&req.starting_token, req.max_entries)?;
             Ok(ListVolumesResponse {
                 entries: page
                     .iter()
                     .map(|v| list_volumes_response::Entry {
                         volume: Some(volume_message(core, v)),
-                        status: None,
+                        status: Some(list_volumes_response::VolumeStatus {
+                            published_node_ids: Vec::new(),
+                            volume_condition: Some(condition(core, v)),
+                        }),
                     })
                     .collect(),
                 next_token,
@@ -294,27 +330,8 @@ impl Controller for CsiService {
         request: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
         let req = request.into_inner();
-        self.run("GetCapacity", "", move |core| {
-            let create_params = CreateParams::parse(&req.parameters)?;
-            let pool = core.pool(create_params.storage_pool.as_deref())?;
-            if !req.volume_capabilities.is_empty() {
-                check_capabilities(&req.volume_capabilities, pool.shared)?;
-            }
-            if let Some(t) = &req.accessible_topology {
-                if !pool.shared && !names_node(core, t) {
-                    return Ok(GetCapacityResponse {
-                        available_capacity: 0,
-                        maximum_volume_size: Some(0),
-                        minimum_volume_size: None,
-                    });
-                }
-            }
-            let usage = pool.usage()?;
-            Ok(GetCapacityResponse {
-                available_capacity: usage.available_bytes as i64,
-                maximum_volume_size: Some(usage.available_bytes as i64),
-                minimum_volume_size: None,
-            })
+        self.run("GetCapacity", "", Lane::Quick, move |core| {
+            capacity(core, req)
         })
         .await
     }
@@ -340,10 +357,10 @@ impl Controller for CsiService {
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
         let name = req.name.clone();
-        self.run("CreateSnapshot", &name, move |core| {
+        self.run("CreateSnapshot", &name, Lane::Heavy, move |core| {
             required("name", &req.name)?;
             required("source_volume_id", &req.source_volume_id)?;
-            let s = core.create_snapshot(&req.name, &req.source_volume_id, None)?;
+            let s = core.create_snapshot(&req.name, &req.source_volume_id, None, Take::Copy)?;
             Ok(CreateSnapshotResponse {
                 snapshot: Some(snapshot_message(&s)),
             })
@@ -356,7 +373,7 @@ impl Controller for CsiService {
         request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
         let id = request.into_inner().snapshot_id;
-        self.run("DeleteSnapshot", &id.clone(), move |core| {
+        self.run("DeleteSnapshot", &id.clone(), Lane::Heavy, move |core| {
             core.delete_standalone_snapshot(&id)?;
             Ok(DeleteSnapshotResponse {})
         })
@@ -368,7 +385,7 @@ impl Controller for CsiService {
         request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
-        self.run("ListSnapshots", "", move |core| {
+        self.run("ListSnapshots", "", Lane::Quick, move |core| {
             let (page, next_token) = core.list_snapshots(
                 &req.snapshot_id,
                 &req.source_volume_id,
@@ -393,7 +410,7 @@ impl Controller for CsiService {
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
         let id = request.into_inner().snapshot_id;
-        self.run("GetSnapshot", &id.clone(), move |core| {
+        self.run("GetSnapshot", &id.clone(), Lane::Quick, move |core| {
             required("snapshot_id", &id)?;
             let s = core.get_snapshot(&id)?;
             Ok(GetSnapshotResponse {
@@ -409,27 +426,8 @@ impl Controller for CsiService {
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("ControllerExpandVolume", &id, move |core| {
-            required("volume_id", &req.volume_id)?;
-            let range = req
-                .capacity_range
-                .ok_or_else(|| CoreError::InvalidArgument("capacity_range is required".into()))?;
-            if let Some(cap) = &req.volume_capability {
-                let volume = core.get_volume(&req.volume_id)?;
-                let shared = core.pool_of(&volume)?.shared;
-                let mode = super::check_capability(cap, shared)?;
-                if mode != volume.meta.mode {
-                    return Err(CoreError::InvalidArgument(format!(
-                        "volume {} is {:?} mode, the capability says {mode:?}",
-                        volume.meta.id, volume.meta.mode
-                    )));
-                }
-            }
-            let e = core.expand_volume(&req.volume_id, range.required_bytes, range.limit_bytes)?;
-            Ok(ControllerExpandVolumeResponse {
-                capacity_bytes: e.capacity_bytes as i64,
-                node_expansion_required: e.node_expansion_required,
-            })
+        self.run("ControllerExpandVolume", &id, Lane::Heavy, move |core| {
+            expand(core, req)
         })
         .await
     }
@@ -439,14 +437,22 @@ impl Controller for CsiService {
         request: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let id = request.into_inner().volume_id;
-        self.run("ControllerGetVolume", &id.clone(), move |core| {
-            required("volume_id", &id)?;
-            let v = core.get_volume(&id)?;
-            Ok(ControllerGetVolumeResponse {
-                volume: Some(volume_message(core, &v)),
-                status: Some(controller_get_volume_response::VolumeStatus::default()),
-            })
-        })
+        self.run(
+            "ControllerGetVolume",
+            &id.clone(),
+            Lane::Quick,
+            move |core| {
+                required("volume_id", &id)?;
+                let v = core.get_volume(&id)?;
+                Ok(ControllerGetVolumeResponse {
+                    volume: Some(volume_message(core, &v)),
+                    status: Some(controller_get_volume_response::VolumeStatus {
+                        published_node_ids: Vec::new(),
+                        volume_condition: Some(condition(core, &v)),
+                    }),
+                })
+            },
+        )
         .await
     }
 
@@ -456,7 +462,7 @@ impl Controller for CsiService {
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("ControllerModifyVolume", &id, move |core| {
+        self.run("ControllerModifyVolume", &id, Lane::Heavy, move |core| {
             required("volume_id", &req.volume_id)?;
             core.modify_volume(&req.volume_id, &req.mutable_parameters)?;
             Ok(ControllerModifyVolumeResponse {})

@@ -1,20 +1,15 @@
+//! The GroupController service: group snapshots of several volumes.
+
 use tonic::{Request, Response, Status};
 
 use super::controller::snapshot_message;
-use super::CsiService;
-use crate::error::{CoreError, CoreResult};
+use super::{CsiService, Lane};
+use crate::error::{required, CoreError};
 use crate::proto::group_controller_server::GroupController;
 use crate::proto::group_controller_service_capability::rpc::Type as RpcType;
 use crate::proto::group_controller_service_capability::{Rpc, Type as CapType};
 use crate::proto::*;
-use crate::volume::snapshot::GroupSnapshot;
-
-fn required(what: &str, value: &str) -> CoreResult<()> {
-    if value.is_empty() {
-        return Err(CoreError::InvalidArgument(format!("{what} is required")));
-    }
-    Ok(())
-}
+use crate::volume::group::GroupSnapshot;
 
 fn group_message(g: &GroupSnapshot) -> VolumeGroupSnapshot {
     VolumeGroupSnapshot {
@@ -49,18 +44,23 @@ impl GroupController for CsiService {
     ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
         let name = req.name.clone();
-        self.run("CreateVolumeGroupSnapshot", &name, move |core| {
-            required("name", &req.name)?;
-            if req.source_volume_ids.is_empty() {
-                return Err(CoreError::InvalidArgument(
-                    "source_volume_ids are required".into(),
-                ));
-            }
-            let g = core.create_group_snapshot(&req.name, &req.source_volume_ids)?;
-            Ok(CreateVolumeGroupSnapshotResponse {
-                group_snapshot: Some(group_message(&g)),
-            })
-        })
+        self.run(
+            "CreateVolumeGroupSnapshot",
+            &name,
+            Lane::Heavy,
+            move |core| {
+                required("name", &req.name)?;
+                if req.source_volume_ids.is_empty() {
+                    return Err(CoreError::Required {
+                        field: "source_volume_ids",
+                    });
+                }
+                let g = core.create_group_snapshot(&req.name, &req.source_volume_ids)?;
+                Ok(CreateVolumeGroupSnapshotResponse {
+                    group_snapshot: Some(group_message(&g)),
+                })
+            },
+        )
         .await
     }
 
@@ -70,7 +70,7 @@ impl GroupController for CsiService {
     ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
         let id = req.group_snapshot_id.clone();
-        self.run("DeleteVolumeGroupSnapshot", &id, move |core| {
+        self.run("DeleteVolumeGroupSnapshot", &id, Lane::Heavy, move |core| {
             required("group_snapshot_id", &req.group_snapshot_id)?;
             core.delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
             Ok(DeleteVolumeGroupSnapshotResponse {})
@@ -84,7 +84,7 @@ impl GroupController for CsiService {
     ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
         let id = req.group_snapshot_id.clone();
-        self.run("GetVolumeGroupSnapshot", &id, move |core| {
+        self.run("GetVolumeGroupSnapshot", &id, Lane::Quick, move |core| {
             required("group_snapshot_id", &req.group_snapshot_id)?;
             let g = core.get_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
             Ok(GetVolumeGroupSnapshotResponse {

@@ -1,16 +1,18 @@
+//! The Node service: stage, publish, stats and expansion on this node.
+
 use std::path::PathBuf;
 
 use tonic::{Request, Response, Status};
 
-use super::{check_capability, mount_flags, mount_fs_type, CsiService};
-use crate::error::{CoreError, CoreResult};
+use super::{capability, CsiService, Lane};
+use crate::error::{required, CoreError, CoreResult};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::rpc::Type as RpcType;
 use crate::proto::node_service_capability::{Rpc, Type as CapType};
-use crate::proto::volume_capability::access_mode::Mode as AccessMode;
 use crate::proto::volume_usage::Unit;
 use crate::proto::*;
-use crate::volume::publish::PublishRequest;
+use crate::volume::capability::{check_capability, AccessMode, Capability};
+use crate::volume::{Core, PublishRequest, StageRequest, VolumeMode};
 
 /// Set by kubelet in volume_context for CSI ephemeral inline volumes.
 const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
@@ -23,21 +25,109 @@ const ADVERTISED: &[RpcType] = &[
     RpcType::SingleNodeMultiWriter,
 ];
 
-fn required(what: &str, value: &str) -> CoreResult<()> {
-    if value.is_empty() {
-        return Err(CoreError::InvalidArgument(format!("{what} is required")));
+/// The request's capability; node-side checks accept multi-node modes (the
+/// controller already decided).
+fn node_capability(cap: &Option<VolumeCapability>) -> CoreResult<(Capability, VolumeMode)> {
+    let cap = capability(cap.as_ref().ok_or(CoreError::Required {
+        field: "volume_capability",
+    })?);
+    let mode = check_capability(&cap, true)?;
+    Ok((cap, mode))
+}
+
+fn stage(core: &Core, req: NodeStageVolumeRequest) -> CoreResult<NodeStageVolumeResponse> {
+    required("volume_id", &req.volume_id)?;
+    required("staging_target_path", &req.staging_target_path)?;
+    let (cap, mode) = node_capability(&req.volume_capability)?;
+    core.stage(&StageRequest {
+        volume_id: req.volume_id,
+        staging: PathBuf::from(req.staging_target_path),
+        mode,
+        fs_type: Some(cap.fs_type).filter(|t| !t.is_empty()),
+        mount_flags: cap.mount_flags,
+    })?;
+    Ok(NodeStageVolumeResponse {})
+}
+
+fn publish(core: &Core, req: NodePublishVolumeRequest) -> CoreResult<NodePublishVolumeResponse> {
+    required("volume_id", &req.volume_id)?;
+    required("target_path", &req.target_path)?;
+    let (cap, mode) = node_capability(&req.volume_capability)?;
+    let ephemeral = req
+        .volume_context
+        .get(EPHEMERAL_KEY)
+        .is_some_and(|v| v == "true");
+    core.publish(&PublishRequest {
+        volume_id: req.volume_id,
+        target: PathBuf::from(req.target_path),
+        staging: Some(req.staging_target_path)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+        mode,
+        read_only: req.readonly || cap.access == AccessMode::SingleNodeReaderOnly,
+        mount_flags: cap.mount_flags,
+        single_writer: cap.access == AccessMode::SingleNodeSingleWriter,
+        ephemeral: ephemeral.then_some(req.volume_context),
+    })?;
+    Ok(NodePublishVolumeResponse {})
+}
+
+fn stats(core: &Core, req: NodeGetVolumeStatsRequest) -> CoreResult<NodeGetVolumeStatsResponse> {
+    required("volume_id", &req.volume_id)?;
+    required("volume_path", &req.volume_path)?;
+    let s = core.node_stats(&req.volume_id, &PathBuf::from(&req.volume_path))?;
+    let mut usage = vec![VolumeUsage {
+        available: s.available_bytes as i64,
+        total: s.total_bytes as i64,
+        used: s.used_bytes as i64,
+        unit: Unit::Bytes as i32,
+    }];
+    if let Some((total, used, free)) = s.inodes {
+        usage.push(VolumeUsage {
+            available: free as i64,
+            total: total as i64,
+            used: used as i64,
+            unit: Unit::Inodes as i32,
+        });
     }
-    Ok(())
+    Ok(NodeGetVolumeStatsResponse {
+        usage,
+        volume_condition: Some(VolumeCondition {
+            abnormal: s.problem.is_some(),
+            message: s.problem.unwrap_or_else(|| "volume is healthy".into()),
+        }),
+    })
 }
 
-fn capability(cap: &Option<VolumeCapability>) -> CoreResult<&VolumeCapability> {
-    cap.as_ref()
-        .ok_or_else(|| CoreError::InvalidArgument("volume_capability is required".into()))
-}
-
-/// Node-side checks accept multi-node modes: the controller already decided.
-fn node_mode(cap: &VolumeCapability) -> CoreResult<crate::volume::VolumeMode> {
-    check_capability(cap, true)
+fn expand(core: &Core, req: NodeExpandVolumeRequest) -> CoreResult<NodeExpandVolumeResponse> {
+    required("volume_id", &req.volume_id)?;
+    required("volume_path", &req.volume_path)?;
+    let (required_bytes, limit) = match &req.capacity_range {
+        Some(r) if r.required_bytes < 0 || r.limit_bytes < 0 => {
+            return Err(CoreError::invalid(
+                "capacity_range",
+                &format!("[{}, {}]", r.required_bytes, r.limit_bytes),
+                "must not be negative",
+            ))
+        }
+        Some(r) => (r.required_bytes as u64, r.limit_bytes as u64),
+        None => (0, 0),
+    };
+    let mode = req
+        .volume_capability
+        .as_ref()
+        .map(|c| check_capability(&capability(c), true))
+        .transpose()?;
+    let size = core.node_expand(
+        &req.volume_id,
+        &PathBuf::from(&req.volume_path),
+        mode,
+        required_bytes,
+        limit,
+    )?;
+    Ok(NodeExpandVolumeResponse {
+        capacity_bytes: size as i64,
+    })
 }
 
 #[tonic::async_trait]
@@ -48,19 +138,8 @@ impl Node for CsiService {
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodeStageVolume", &id, move |core| {
-            required("volume_id", &req.volume_id)?;
-            required("staging_target_path", &req.staging_target_path)?;
-            let cap = capability(&req.volume_capability)?;
-            let mode = node_mode(cap)?;
-            core.stage(
-                &req.volume_id,
-                &PathBuf::from(&req.staging_target_path),
-                mode,
-                mount_fs_type(std::slice::from_ref(cap)).as_deref(),
-                &mount_flags(cap),
-            )?;
-            Ok(NodeStageVolumeResponse {})
+        self.run("NodeStageVolume", &id, Lane::Quick, move |core| {
+            stage(core, req)
         })
         .await
     }
@@ -71,7 +150,7 @@ impl Node for CsiService {
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodeUnstageVolume", &id, move |core| {
+        self.run("NodeUnstageVolume", &id, Lane::Quick, move |core| {
             required("volume_id", &req.volume_id)?;
             required("staging_target_path", &req.staging_target_path)?;
             core.unstage(&req.volume_id, &PathBuf::from(&req.staging_target_path))?;
@@ -86,31 +165,13 @@ impl Node for CsiService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodePublishVolume", &id, move |core| {
-            required("volume_id", &req.volume_id)?;
-            required("target_path", &req.target_path)?;
-            let cap = capability(&req.volume_capability)?;
-            let mode = node_mode(cap)?;
-            let access = cap
-                .access_mode
-                .as_ref()
-                .and_then(|m| AccessMode::try_from(m.mode).ok())
-                .unwrap_or(AccessMode::Unknown);
-            if req.volume_context.get(EPHEMERAL_KEY).map(String::as_str) == Some("true") {
-                core.ensure_ephemeral(&req.volume_id, mode, &req.volume_context)?;
-            }
-            core.publish(&PublishRequest {
-                volume_id: req.volume_id.clone(),
-                target: PathBuf::from(&req.target_path),
-                staging: Some(req.staging_target_path.clone())
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from),
-                mode,
-                read_only: req.readonly || access == AccessMode::SingleNodeReaderOnly,
-                mount_flags: mount_flags(cap),
-                single_writer: access == AccessMode::SingleNodeSingleWriter,
-            })?;
-            Ok(NodePublishVolumeResponse {})
+        let ephemeral = req
+            .volume_context
+            .get(EPHEMERAL_KEY)
+            .is_some_and(|v| v == "true");
+        let lane = if ephemeral { Lane::Heavy } else { Lane::Quick };
+        self.run("NodePublishVolume", &id, lane, move |core| {
+            publish(core, req)
         })
         .await
     }
@@ -121,7 +182,7 @@ impl Node for CsiService {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodeUnpublishVolume", &id, move |core| {
+        self.run("NodeUnpublishVolume", &id, Lane::Quick, move |core| {
             required("volume_id", &req.volume_id)?;
             required("target_path", &req.target_path)?;
             core.unpublish(&req.volume_id, &PathBuf::from(&req.target_path))?;
@@ -136,31 +197,8 @@ impl Node for CsiService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodeGetVolumeStats", &id, move |core| {
-            required("volume_id", &req.volume_id)?;
-            required("volume_path", &req.volume_path)?;
-            let s = core.node_stats(&req.volume_id, &PathBuf::from(&req.volume_path))?;
-            let mut usage = vec![VolumeUsage {
-                available: s.available_bytes as i64,
-                total: s.total_bytes as i64,
-                used: s.used_bytes as i64,
-                unit: Unit::Bytes as i32,
-            }];
-            if let Some((total, used, free)) = s.inodes {
-                usage.push(VolumeUsage {
-                    available: free as i64,
-                    total: total as i64,
-                    used: used as i64,
-                    unit: Unit::Inodes as i32,
-                });
-            }
-            Ok(NodeGetVolumeStatsResponse {
-                usage,
-                volume_condition: Some(VolumeCondition {
-                    abnormal: s.problem.is_some(),
-                    message: s.problem.unwrap_or_else(|| "volume is healthy".into()),
-                }),
-            })
+        self.run("NodeGetVolumeStats", &id, Lane::Stats, move |core| {
+            stats(core, req)
         })
         .await
     }
@@ -171,30 +209,8 @@ impl Node for CsiService {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodeExpandVolume", &id, move |core| {
-            required("volume_id", &req.volume_id)?;
-            required("volume_path", &req.volume_path)?;
-            if let Some(range) = &req.capacity_range {
-                if range.required_bytes < 0 || range.limit_bytes < 0 {
-                    return Err(CoreError::InvalidArgument(
-                        "capacity_range must not be negative".into(),
-                    ));
-                }
-            }
-            let (required, limit) = req.capacity_range.as_ref().map_or((0, 0), |r| {
-                (r.required_bytes.max(0) as u64, r.limit_bytes.max(0) as u64)
-            });
-            let mode = req.volume_capability.as_ref().map(node_mode).transpose()?;
-            let size = core.node_expand(
-                &req.volume_id,
-                &PathBuf::from(&req.volume_path),
-                mode,
-                required,
-                limit,
-            )?;
-            Ok(NodeExpandVolumeResponse {
-                capacity_bytes: size as i64,
-            })
+        self.run("NodeExpandVolume", &id, Lane::Heavy, move |core| {
+            expand(core, req)
         })
         .await
     }

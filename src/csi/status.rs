@@ -4,24 +4,32 @@ use tonic::{Code, Status};
 
 use crate::error::CoreError;
 
+/// The gRPC code for each cause.
+pub fn code_of(e: &CoreError) -> Code {
+    use CoreError as E;
+    match e {
+        E::Required { .. } | E::InvalidValue { .. } | E::Unacceptable(_) => Code::InvalidArgument,
+        E::Missing { .. } | E::NotAt { .. } | E::SourceElsewhere { .. } => Code::NotFound,
+        E::Conflict { .. } | E::PublishedDifferently { .. } => Code::AlreadyExists,
+        E::SizeOutOfRange(_) => Code::OutOfRange,
+        E::VolumeInUse { .. }
+        | E::NotStaged { .. }
+        | E::CapabilityMismatch { .. }
+        | E::ForeignContent { .. }
+        | E::MountInside { .. }
+        | E::SingleWriterTaken { .. }
+        | E::NotPossibleHere(_)
+        | E::ToolMissing { .. } => Code::FailedPrecondition,
+        E::NoSpace { .. } | E::NotOnThisNode(_) => Code::ResourceExhausted,
+        E::Busy { .. } | E::BadToken { .. } | E::Unsettled { .. } => Code::Aborted,
+        E::PoolUnavailable { .. } => Code::Unavailable,
+        E::Io { .. } if e.is_no_space() => Code::ResourceExhausted,
+        E::Io { .. } | E::ToolFailed { .. } | E::Damaged { .. } | E::Internal(_) => Code::Internal,
+    }
+}
+
 impl From<CoreError> for Status {
     fn from(e: CoreError) -> Status {
-        let message = e.to_string();
-        let code = match &e {
-            CoreError::InvalidArgument(_) => Code::InvalidArgument,
-            CoreError::NotFound(_) => Code::NotFound,
-            CoreError::AlreadyExists(_) => Code::AlreadyExists,
-            CoreError::OutOfRange(_) => Code::OutOfRange,
-            CoreError::FailedPrecondition(_) => Code::FailedPrecondition,
-            CoreError::ResourceExhausted(_) => Code::ResourceExhausted,
-            CoreError::Aborted(_) => Code::Aborted,
-            CoreError::Unavailable(_) => Code::Unavailable,
-            CoreError::Io { source, .. } => match source.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
-                _ => Code::Internal,
-            },
-            CoreError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, message)
+        Status::new(code_of(&e), e.to_string())
     }
 }

@@ -1,36 +1,30 @@
-//! Per-volume metadata, kept in `<pool>/.hostpath-csi/volumes/<id>.json`.
+//! Per-volume metadata, kept in `<pool>/.hostpath-csi/volumes/<id>.json`,
+//! and the durable JSON files snapshots and groups use.
+//!
+//! Reads never follow a symlink, never block on a FIFO and never read
+//! more than a small file's worth; what cannot be read is reported as
+//! damaged, never taken for absent. Rewrites are whole-file replacements
+//! made durable before they return.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::Path;
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use serde::{Deserialize, Serialize};
 
+use super::layout::Layout;
+use crate::dirfd::{self, ReadError};
 use crate::error::{CoreError, CoreResult, IoContext};
+use crate::fstools::ImageFs;
+use crate::pool::PoolDirs;
+
+/// Largest metadata file read.
+const MAX_META_LEN: u64 = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeMode {
     Filesystem,
     Block,
-}
-
-/// How a volume is stored in its pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layout {
-    /// A directory (Filesystem mode, upstream-compatible).
-    Directory,
-    /// A regular file used raw through a loop device (Block mode).
-    File,
-    /// A regular file holding a filesystem, loop-mounted (hard size limit).
-    Image,
-}
-
-impl Layout {
-    pub fn is_file(self) -> bool {
-        matches!(self, Layout::File | Layout::Image)
-    }
 }
 
 /// What a volume was made from.
@@ -51,7 +45,7 @@ pub struct VolumeMeta {
     pub layout: Layout,
     /// Filesystem inside an image volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fs_type: Option<String>,
+    pub fs_type: Option<ImageFs>,
     /// Logical block size of the loop device (512 or 4096).
     #[serde(default = "default_block_size")]
     pub block_size: u32,
@@ -72,22 +66,15 @@ fn default_block_size() -> u32 {
 
 impl VolumeMeta {
     /// Metadata for a volume found without a metadata file: a directory the
-    /// Go driver made, or a bare file (treated as a raw block volume).
+    /// Go driver made, or a bare file (treated as a raw Block volume).
     pub fn inferred(id: &str, pool: &str, is_dir: bool, file_size: u64) -> Self {
+        let layout = Layout::for_backing(is_dir);
         VolumeMeta {
             id: id.to_owned(),
             pool: pool.to_owned(),
             capacity_bytes: if is_dir { 0 } else { file_size },
-            mode: if is_dir {
-                VolumeMode::Filesystem
-            } else {
-                VolumeMode::Block
-            },
-            layout: if is_dir {
-                Layout::Directory
-            } else {
-                Layout::File
-            },
+            mode: layout.mode(),
+            layout,
             fs_type: None,
             block_size: 512,
             preallocated: false,
@@ -96,48 +83,109 @@ impl VolumeMeta {
             ephemeral: false,
         }
     }
-}
 
-/// Reads a metadata file; `None` when there is none.
-pub fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> CoreResult<Option<T>> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            CoreError::Internal(format!("metadata {} is corrupt: {e}", path.display()))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CoreError::io(format!("read {}", path.display()), e)),
+    pub fn file_name(id: &str) -> String {
+        format!("{id}.json")
     }
 }
 
-/// Writes `value` to `path` atomically: a temp file beside it, then rename.
-/// Durability comes from the caller's pool sync.
-pub fn write_atomic<T: Serialize>(path: &Path, value: &T) -> CoreResult<()> {
+/// What reading a metadata file found.
+#[derive(Debug)]
+pub enum Found<T> {
+    Absent,
+    Present(T),
+    /// Empty, truncated, garbage or not a regular file: kept and reported,
+    /// never a reason to delete anything.
+    Damaged(String),
+}
+
+/// Reads the JSON file `name` in `dir`.
+pub fn read_at<T: for<'de> Deserialize<'de>>(dir: BorrowedFd, name: &str) -> Found<T> {
+    let Ok(cname) = CString::new(name) else {
+        return Found::Absent;
+    };
+    match dirfd::read_small_file(dir, &cname, MAX_META_LEN) {
+        Ok(None) => Found::Absent,
+        Ok(Some(bytes)) if bytes.is_empty() => Found::Damaged("it is empty".into()),
+        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(v) => Found::Present(v),
+            Err(e) => Found::Damaged(format!("it does not parse: {e}")),
+        },
+        Err(ReadError::Io(e)) => Found::Damaged(format!("it cannot be read: {e}")),
+        Err(e) => Found::Damaged(e.to_string()),
+    }
+}
+
+/// Writes `value` as the JSON file `name` in `dir`, durably (see `dirfd::write_durably`).
+pub fn write_at<T: Serialize>(dir: BorrowedFd, name: &str, value: &T) -> CoreResult<()> {
     let bytes = serde_json::to_vec_pretty(value)
-        .map_err(|e| CoreError::Internal(format!("encode metadata: {e}")))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut file = File::create(&tmp).context(|| format!("create {}", tmp.display()))?;
-    file.write_all(&bytes)
-        .context(|| format!("write {}", tmp.display()))?;
-    drop(file);
-    fs::rename(&tmp, path).context(|| format!("rename {} into place", path.display()))
+        .map_err(|e| CoreError::Internal(format!("encode {name}: {e}")))?;
+    dirfd::write_durably(dir, name, &bytes).context(|| format!("write {name}"))
 }
 
-/// Forces a metadata file's content (and the journal up to it) to disk.
-pub fn flush(path: &Path) -> CoreResult<()> {
-    File::open(path)
-        .and_then(|f| f.sync_data())
-        .context(|| format!("flush {}", path.display()))
+/// The metadata of volume `id` in a pool.
+pub fn read(dirs: &PoolDirs, id: &str) -> Found<VolumeMeta> {
+    read_at(dirs.meta.as_fd(), &VolumeMeta::file_name(id))
 }
 
-/// Removes a metadata file; a missing one is fine.
-pub fn remove(path: &Path) -> CoreResult<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(CoreError::io(format!("remove {}", path.display()), e)),
+/// Rewrites a volume's metadata durably.
+pub fn write(dirs: &PoolDirs, meta: &VolumeMeta) -> CoreResult<()> {
+    write_at(dirs.meta.as_fd(), &VolumeMeta::file_name(&meta.id), meta)
+}
+
+/// Writes a new volume's metadata file without waiting for the disk: a
+/// create makes it durable with one `flush` after the volume is in place.
+pub fn write_new(dirs: &PoolDirs, meta: &VolumeMeta) -> CoreResult<()> {
+    use std::io::Write;
+    let name = VolumeMeta::file_name(&meta.id);
+    let bytes = serde_json::to_vec_pretty(meta)
+        .map_err(|e| CoreError::Internal(format!("encode {name}: {e}")))?;
+    let fd = nix::fcntl::openat(
+        dirs.meta.as_fd(),
+        name.as_str(),
+        nix::fcntl::OFlag::O_WRONLY
+            | nix::fcntl::OFlag::O_CREAT
+            | nix::fcntl::OFlag::O_TRUNC
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .context(|| format!("create {name}"))?;
+    std::fs::File::from(fd)
+        .write_all(&bytes)
+        .context(|| format!("write {name}"))
+}
+
+/// Forces a new metadata file's content (and the journal up to it) to disk.
+pub fn flush(dirs: &PoolDirs, id: &str) -> CoreResult<()> {
+    let name = VolumeMeta::file_name(id);
+    let fd = nix::fcntl::openat(
+        dirs.meta.as_fd(),
+        name.as_str(),
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .context(|| format!("open {name}"))?;
+    nix::unistd::fdatasync(&fd).context(|| format!("flush {name}"))
+}
+
+/// Removes a volume's metadata file durably; a missing one is fine.
+pub fn remove(dirs: &PoolDirs, id: &str) -> CoreResult<()> {
+    dirfd::remove_durably(dirs.meta.as_fd(), &VolumeMeta::file_name(id))
+        .context(|| format!("remove metadata of {id}"))
+}
+
+/// Removes a volume's metadata file; the caller's journal commit (a sync
+/// of the pool root, which on a journaling filesystem carries every
+/// earlier metadata change) makes it durable.
+pub fn remove_unsynced(dirs: &PoolDirs, id: &str) -> CoreResult<()> {
+    let name = VolumeMeta::file_name(id);
+    match nix::unistd::unlinkat(
+        dirs.meta.as_fd(),
+        name.as_str(),
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(CoreError::io(format!("remove {name}"), e.into())),
     }
 }

@@ -1,80 +1,70 @@
-//! Usage of a directory volume: a bounded walk, cached for a short while.
+//! NodeGetVolumeStats: a volume's own usage and condition.
+//!
+//! Kubelet asks for every volume every minute, and a directory volume's
+//! usage is a walk of a tree its pod controls. So walks are single-flight
+//! per volume (concurrent callers wait for the one walk) and their result
+//! is reused for a short while.
 
 use std::collections::HashMap;
-use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use super::meta::{self, Found};
+use super::node::{lookup_path, NodeStats};
+use super::{Core, Volume};
+use crate::error::{CoreError, CoreResult, IoContext, Object};
+use crate::mount;
+use crate::names::validate_name;
+use crate::tree::{self, TreeUsage};
 
 /// How long a walk's result is reused.
 const CACHE_TTL: Duration = Duration::from_secs(10);
-/// A walk stops after this many entries (and says the figure is a floor).
-const MAX_ENTRIES: u64 = 2_000_000;
+/// How long a caller waits for another caller's walk before walking itself.
+const WAIT_FOR_WALK: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TreeUsage {
-    /// Bytes allocated on disk (holes not counted).
-    pub bytes: u64,
-    /// Files, directories and links, the root included.
-    pub inodes: u64,
-    /// True when the walk hit its bound.
-    pub truncated: bool,
-}
-
-/// Walks `root` without following symlinks or crossing into other mounts.
-pub fn walk(root: &Path) -> std::io::Result<TreeUsage> {
-    let top = fs::symlink_metadata(root)?;
-    let dev = top.dev();
-    let mut usage = TreeUsage {
-        bytes: top.blocks() * 512,
-        inodes: 1,
-        truncated: false,
-    };
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(st) = entry.metadata() else { continue };
-            usage.inodes += 1;
-            if usage.inodes > MAX_ENTRIES {
-                usage.truncated = true;
-                return Ok(usage);
-            }
-            if st.nlink() <= 1 || st.is_dir() {
-                usage.bytes += st.blocks() * 512;
-            } else {
-                // Hard links: count a share so the total stays right.
-                usage.bytes += st.blocks() * 512 / st.nlink();
-            }
-            if st.is_dir() && st.dev() == dev {
-                stack.push(entry.path());
-            }
-        }
-    }
-    Ok(usage)
+enum Entry {
+    Walking,
+    Done(Instant, TreeUsage),
 }
 
 #[derive(Default)]
 pub struct StatsCache {
-    entries: Mutex<HashMap<String, (Instant, TreeUsage)>>,
+    entries: Mutex<HashMap<String, Entry>>,
+    walked: Condvar,
 }
 
 impl StatsCache {
-    pub fn usage(&self, id: &str, root: &Path) -> std::io::Result<TreeUsage> {
-        if let Some((at, u)) = self.entries.lock().unwrap().get(id) {
-            if at.elapsed() < CACHE_TTL {
-                return Ok(*u);
+    /// The usage of a directory volume: cached, or walked once for all callers.
+    pub fn usage(&self, vol: &Volume) -> CoreResult<TreeUsage> {
+        let id = vol.id();
+        let deadline = Instant::now() + WAIT_FOR_WALK;
+        let mut entries = self.entries.lock().unwrap();
+        loop {
+            match entries.get(id) {
+                Some(Entry::Done(at, u)) if at.elapsed() < CACHE_TTL => return Ok(*u),
+                Some(Entry::Walking) if Instant::now() < deadline => {
+                    entries = self
+                        .walked
+                        .wait_timeout(entries, Duration::from_secs(1))
+                        .unwrap()
+                        .0;
+                }
+                _ => break,
             }
         }
-        let u = walk(root)?;
-        self.entries
-            .lock()
-            .unwrap()
-            .insert(id.to_owned(), (Instant::now(), u));
-        Ok(u)
+        entries.insert(id.to_owned(), Entry::Walking);
+        drop(entries);
+        let walked =
+            tree::usage_at(&vol.path).context(|| format!("measure {}", vol.path.display()));
+        let mut entries = self.entries.lock().unwrap();
+        match &walked {
+            Ok(u) => entries.insert(id.to_owned(), Entry::Done(Instant::now(), *u)),
+            Err(_) => entries.remove(id),
+        };
+        drop(entries);
+        self.walked.notify_all();
+        walked
     }
 
     pub fn forget(&self, id: &str) {
@@ -82,18 +72,62 @@ impl StatsCache {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Core {
+    /// Usage and condition of a volume published (or staged) at `path`.
+    pub fn node_stats(&self, id: &str, path: &Path) -> CoreResult<NodeStats> {
+        validate_name("volume_id", id)?;
+        let path = lookup_path("volume_path", id, path)?;
+        let Some(vol) = self.find_volume(id)? else {
+            return self.orphan_stats(id);
+        };
+        let not_here = || CoreError::NotAt {
+            id: id.to_owned(),
+            path: path.clone(),
+        };
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Err(not_here());
+        }
+        let mounts = mount::mounts()?;
+        let Some(m) = mount::topmost(&mounts, &path) else {
+            return Err(not_here());
+        };
+        let problem = self.volume_problem(&vol);
+        if !vol.layout().owns_mount(&vol, m, &mounts) {
+            // A Block target whose loop device was lost is still this
+            // volume's publication, and abnormal.
+            let lost = vol
+                .layout()
+                .lost_publication(&vol, m)
+                .ok_or_else(not_here)?;
+            return Ok(NodeStats {
+                total_bytes: vol.meta.capacity_bytes,
+                problem: problem.or(Some(lost)),
+                ..Default::default()
+            });
+        }
+        let mut stats = vol.layout().usage(self, &vol, &path, m)?;
+        stats.problem = problem;
+        Ok(stats)
+    }
 
-    #[test]
-    fn counts_own_tree_only() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("sub")).unwrap();
-        fs::write(dir.path().join("sub/f"), vec![1u8; 64 * 1024]).unwrap();
-        std::os::unix::fs::symlink("/usr", dir.path().join("link")).unwrap();
-        let u = walk(dir.path()).unwrap();
-        assert_eq!(u.inodes, 4);
-        assert!(u.bytes >= 64 * 1024 && u.bytes < 1 << 20, "{u:?}");
+    /// A volume whose metadata exists but whose backing store vanished
+    /// under a running driver: abnormal, not unknown.
+    fn orphan_stats(&self, id: &str) -> CoreResult<NodeStats> {
+        for pool in self.pools() {
+            let Ok(dirs) = pool.dirs() else { continue };
+            if let Found::Present(m) = meta::read(&dirs, id) {
+                return Ok(NodeStats {
+                    total_bytes: m.capacity_bytes,
+                    inodes: (!m.layout.is_file() || m.layout.holds_filesystem())
+                        .then_some((0, 0, 0)),
+                    problem: Some(format!(
+                        "backing {} of volume {id} is missing",
+                        pool.volume_path(id).display()
+                    )),
+                    ..Default::default()
+                });
+            }
+        }
+        Err(CoreError::missing(Object::Volume, id, &self.node_id))
     }
 }

@@ -187,6 +187,42 @@ impl LoopFs {
     }
 }
 
+impl LoopFs {
+    /// A power cut as XFS sees it: `xfs_io -x -c shutdown` (no log flush),
+    /// so whatever was not yet on disk is lost.
+    pub fn shutdown(&self) {
+        let ok = Command::new("xfs_io")
+            .args(["-x", "-c", "shutdown"])
+            .arg(&self.mount_point)
+            .status()
+            .expect("run xfs_io")
+            .success();
+        assert!(ok, "xfs_io shutdown {} failed", self.mount_point.display());
+    }
+
+    /// Unmounts and mounts the filesystem again (log recovery after a
+    /// shutdown). Nothing may hold it open.
+    pub fn remount(&self) {
+        cleanup_kernel_state(&self.mount_point);
+        let mut unmounted = false;
+        for _ in 0..100 {
+            if nix::mount::umount(&self.mount_point).is_ok() {
+                unmounted = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(unmounted, "cannot unmount {}", self.mount_point.display());
+        let ok = Command::new("mount")
+            .arg(&self.device)
+            .arg(&self.mount_point)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount {} again failed", self.device.display());
+    }
+}
+
 impl Drop for LoopFs {
     fn drop(&mut self) {
         cleanup_kernel_state(&self.mount_point);
@@ -201,6 +237,8 @@ pub struct Driver {
     pub socket: PathBuf,
     pub pools_json: String,
     pub pool_paths: Vec<PathBuf>,
+    /// Flags passed to `serve` beside the harness's own.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     pub c: Clients,
 }
@@ -208,6 +246,11 @@ pub struct Driver {
 impl Driver {
     /// Starts the driver with one pool per entry (`None` = a dir under the temp dir).
     pub async fn start_with(pools: &[(&str, Option<PathBuf>)]) -> Driver {
+        Driver::start_args(pools, &[]).await
+    }
+
+    /// Like `start_with`, with extra `serve` flags (e.g. `--metrics-addr`).
+    pub async fn start_args(pools: &[(&str, Option<PathBuf>)], extra: &[&str]) -> Driver {
         let dir = tempfile::Builder::new()
             .prefix("hpc-test-")
             .tempdir()
@@ -222,21 +265,37 @@ impl Driver {
             pool_paths.push(p);
         }
         let pools_json = serde_json::Value::Array(entries).to_string();
+        Driver::launch(dir, pools_json, pool_paths, extra).await
+    }
+
+    async fn launch(
+        dir: TempDir,
+        pools_json: String,
+        pool_paths: Vec<PathBuf>,
+        extra: &[&str],
+    ) -> Driver {
         let socket = dir.path().join("csi.sock");
-        let child = spawn(&socket, &pools_json, dir.path());
-        let c = wait_connect(&socket).await;
+        let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut child = Reaper::new(spawn(&socket, &pools_json, dir.path(), &extra_args));
+        let c = wait_connect(&socket, child.get(), dir.path()).await;
         Driver {
             dir,
             socket,
             pools_json,
             pool_paths,
-            child: Some(child),
+            extra_args,
+            child: child.take(),
             c,
         }
     }
 
     /// Starts the driver with a raw `--datadir` JSON (e.g. with `snapshotPath`).
     pub async fn start_with_datadir(pools_json: &str) -> Driver {
+        Driver::start_with_datadir_args(pools_json, &[]).await
+    }
+
+    /// Like `start_with_datadir`, with extra `serve` flags.
+    pub async fn start_with_datadir_args(pools_json: &str, extra: &[&str]) -> Driver {
         let dir = tempfile::Builder::new()
             .prefix("hpc-test-")
             .tempdir()
@@ -248,17 +307,7 @@ impl Driver {
             .iter()
             .map(|p| PathBuf::from(p["path"].as_str().unwrap()))
             .collect();
-        let socket = dir.path().join("csi.sock");
-        let child = spawn(&socket, pools_json, dir.path());
-        let c = wait_connect(&socket).await;
-        Driver {
-            dir,
-            socket,
-            pools_json: pools_json.to_owned(),
-            pool_paths,
-            child: Some(child),
-            c,
-        }
+        Driver::launch(dir, pools_json.to_owned(), pool_paths, extra).await
     }
 
     pub async fn start() -> Driver {
@@ -289,8 +338,39 @@ impl Driver {
     /// Starts the driver again with the same pools.
     pub async fn restart(&mut self) {
         self.kill9();
-        self.child = Some(spawn(&self.socket, &self.pools_json, self.dir.path()));
-        self.c = wait_connect(&self.socket).await;
+        let child = spawn(
+            &self.socket,
+            &self.pools_json,
+            self.dir.path(),
+            &self.extra_args,
+        );
+        // Kept in `self` first, so a start that fails is still reaped on drop.
+        let child = self.child.insert(child);
+        self.c = wait_connect(&self.socket, child, self.dir.path()).await;
+    }
+
+    /// The driver's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("driver is running").id()
+    }
+
+    /// True while the driver process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Panics with the driver's log unless the same process still runs.
+    #[track_caller]
+    pub fn assert_alive(&mut self, pid: u32, context: &str) {
+        let running = self.is_running();
+        assert!(
+            running && self.pid() == pid,
+            "{context}: the driver (pid {pid}) died; its log:\n{}",
+            tail(&self.log(), 40)
+        );
     }
 
     pub fn log(&self) -> String {
@@ -305,33 +385,97 @@ impl Drop for Driver {
         for p in &self.pool_paths {
             cleanup_kernel_state(p);
         }
+        // Trees deeper than any stack (and chattr'd files) defeat the
+        // TempDir's own removal.
+        remove_tree(self.dir.path());
     }
 }
 
-fn spawn(socket: &Path, pools_json: &str, dir: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("driver.log"))
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_hostpath-csi"))
-        .arg("serve")
+/// Kills and reaps a child process on drop, unless taken back.
+pub struct Reaper(Option<Child>);
+
+impl Reaper {
+    pub fn new(child: Child) -> Reaper {
+        Reaper(Some(child))
+    }
+
+    pub fn get(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child was taken")
+    }
+
+    pub fn take(&mut self) -> Option<Child> {
+        self.0.take()
+    }
+
+    /// Waits up to `bound` for the child to exit; `None` if it still runs.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Ok(Some(status)) = self.get().try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The `serve` command the harness runs, for tests that start more instances.
+pub fn serve_command(socket: &Path, pools_json: &str, extra: &[String]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostpath-csi"));
+    cmd.arg("serve")
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
         .arg("--nodeid")
         .arg(NODE)
         .arg("--datadir")
         .arg(pools_json)
-        .env("RUST_LOG", "info")
+        .args(extra)
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn spawn(socket: &Path, pools_json: &str, dir: &Path, extra: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("driver.log"))
+        .unwrap();
+    serve_command(socket, pools_json, extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("start hostpath-csi serve")
 }
 
-async fn wait_connect(socket: &Path) -> Clients {
+/// The last `n` lines of a log.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+async fn wait_connect(socket: &Path, child: &mut Child, dir: &Path) -> Clients {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("driver.log")).unwrap_or_default();
+            panic!(
+                "the driver exited ({status}) before listening on {}; its log:\n{}",
+                socket.display(),
+                tail(&log, 40)
+            );
+        }
         let ready = std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket());
         if ready {
             if let Ok(c) = Clients::connect(&format!("unix://{}", socket.display())).await {
@@ -413,4 +557,643 @@ pub fn stats_req(id: &str, path: &Path) -> NodeGetVolumeStatsRequest {
         volume_path: s(path),
         ..Default::default()
     }
+}
+
+// ------------------------------------------------------------ more requests
+
+/// A publish with the staging path the harness pairs with `target`.
+pub fn publish_req(id: &str, target: &Path, cap: VolumeCapability) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s(target),
+        staging_target_path: staging_for(target),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn stage_req(id: &str, staging: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: s(staging),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+/// Kubelet's publish of a CSI inline ephemeral volume: no stage, the pod's
+/// volume attributes plus the ephemeral marker.
+pub fn ephemeral_publish_req(
+    id: &str,
+    target: &Path,
+    attributes: &[(&str, &str)],
+) -> NodePublishVolumeRequest {
+    let mut context = params(attributes);
+    context.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s(target),
+        volume_capability: Some(rwo()),
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+/// Every volume ID in one unpaged listing.
+pub async fn listed_ids(c: &mut Clients) -> Vec<String> {
+    c.controller
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect()
+}
+
+/// Probe with a deadline: liveness, not speed (the bound is generous).
+pub async fn probe_within(c: &mut Clients, bound: Duration) -> Result<(), String> {
+    let mut req = tonic::Request::new(ProbeRequest {});
+    req.set_timeout(bound);
+    match tokio::time::timeout(bound, c.identity.probe(req)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) => Err(format!("Probe failed: {s:?}")),
+        Err(_) => Err(format!("Probe did not answer within {bound:?}")),
+    }
+}
+
+// ------------------------------------------------------------ polling
+
+/// How long "eventually" may take before a test gives up.
+pub const EVENTUALLY: Duration = Duration::from_secs(60);
+
+/// Polls `ok` until it holds; panics with `what` (and `detail()`) after `bound`.
+pub async fn eventually(
+    what: &str,
+    bound: Duration,
+    mut ok: impl FnMut() -> bool,
+    detail: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + bound;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "not within {bound:?}: {what}\n{}",
+            detail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ------------------------------------------------------------ pool state
+
+/// Entries of `<pool>/.hostpath-csi/tmp` (empty when it does not exist).
+pub fn tmp_entries(pool: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(pool.join(".hostpath-csi/tmp")) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Bytes in use on the filesystem holding `path` (statvfs).
+pub fn used_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    (st.blocks() - st.blocks_free()) * st.fragment_size()
+}
+
+/// Whether `path` is a mount point (in this process's mount namespace).
+pub fn is_mount_point(path: &Path) -> bool {
+    mount_count(path) > 0
+}
+
+/// How many mounts are stacked exactly at `path`.
+pub fn mount_count(path: &Path) -> usize {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    hostpath_csi::mount::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .count()
+}
+
+// ------------------------------------------------------------ metrics
+
+/// A free TCP port on loopback for `--metrics-addr`.
+pub fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The body of `GET /metrics` (HTTP/1.0), or `None` when nothing answers.
+pub fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// The value of a series, given its name and exactly these labels in any order.
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let mut have: Vec<&str> = rest.split(',').filter(|p| !p.is_empty()).collect();
+        let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        have.sort();
+        want.sort();
+        (have == want).then(|| value.parse().ok())?
+    })
+}
+
+// ------------------------------------------------------------ trees
+
+/// A chain of `depth` directories named `d` below `root`, with a file
+/// `leaf` at the bottom, built by descriptor (deeper than PATH_MAX).
+pub fn make_deep(root: &Path, depth: usize) {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode as Perm;
+    use std::os::fd::{AsFd, OwnedFd};
+    let mut fd: OwnedFd =
+        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    for _ in 0..depth {
+        nix::sys::stat::mkdirat(fd.as_fd(), "d", Perm::from_bits_truncate(0o755)).unwrap();
+        fd = nix::fcntl::openat(
+            fd.as_fd(),
+            "d",
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Perm::empty(),
+        )
+        .unwrap();
+    }
+    let f = nix::fcntl::openat(
+        fd.as_fd(),
+        "leaf",
+        OFlag::O_CREAT | OFlag::O_WRONLY,
+        Perm::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    nix::unistd::write(&f, b"bottom").unwrap();
+}
+
+/// Depth of a chain made by `make_deep`; checks its leaf.
+pub fn depth_of(root: &Path) -> usize {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode as Perm;
+    use std::os::fd::{AsFd, OwnedFd};
+    let mut fd: OwnedFd =
+        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut depth = 0;
+    while let Ok(next) = nix::fcntl::openat(
+        fd.as_fd(),
+        "d",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+        Perm::empty(),
+    ) {
+        fd = next;
+        depth += 1;
+    }
+    let leaf = nix::fcntl::openat(fd.as_fd(), "leaf", OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut buf = [0u8; 16];
+    let n = nix::unistd::read(&leaf, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"bottom");
+    depth
+}
+
+/// Removes a tree of any depth (by descriptor, iteratively), clearing
+/// `chattr` flags first: test clean-up that a deep chain cannot defeat.
+pub fn remove_tree(root: &Path) {
+    let _ = Command::new("chattr")
+        .args(["-R", "-f", "-i", "-a"])
+        .arg(root)
+        .stderr(Stdio::null())
+        .status();
+    // `rm` walks by descriptor and has no depth limit.
+    let _ = Command::new("rm")
+        .args(["-rf", "--one-file-system"])
+        .arg(root)
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Creates `n` empty files named `f<i>` in `dir`.
+pub fn make_files(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        std::fs::File::create(dir.join(format!("f{i}"))).unwrap();
+    }
+}
+
+/// Number of entries directly in `dir` (0 when it is gone).
+pub fn count_entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|e| e.count()).unwrap_or(0)
+}
+
+// ------------------------------------------------------------ guards
+
+/// A bind mount undone (lazily) on drop, wherever it was moved meanwhile.
+pub struct MountGuard(pub PathBuf);
+
+impl MountGuard {
+    pub fn bind(source: &Path, target: &Path) -> MountGuard {
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("bind {} on {}: {e}", source.display(), target.display()));
+        MountGuard(target.to_path_buf())
+    }
+
+    /// A tmpfs of `bytes` at `target`.
+    pub fn tmpfs(target: &Path, bytes: u64) -> MountGuard {
+        std::fs::create_dir_all(target).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={bytes}").as_str()),
+        )
+        .unwrap();
+        MountGuard(target.to_path_buf())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        cleanup_kernel_state(&self.0);
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Freezes a filesystem (`xfs_io -x -c freeze`) and always thaws it on drop.
+pub struct FreezeGuard(PathBuf);
+
+impl FreezeGuard {
+    pub fn freeze(mount_point: &Path) -> FreezeGuard {
+        let guard = FreezeGuard(mount_point.to_path_buf());
+        let ok = Command::new("xfs_io")
+            .args(["-x", "-c", "freeze"])
+            .arg(mount_point)
+            .status()
+            .expect("run xfs_io")
+            .success();
+        assert!(ok, "xfs_io freeze {} failed", mount_point.display());
+        guard
+    }
+
+    pub fn thaw(&self) {
+        let _ = Command::new("xfs_io")
+            .args(["-x", "-c", "thaw"])
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        self.thaw();
+    }
+}
+
+/// Clears `chattr +i/+a` below a path on drop, so clean-up can remove it.
+pub struct ClearFlags(pub PathBuf);
+
+impl Drop for ClearFlags {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr")
+            .args(["-R", "-f", "-i", "-a"])
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `chattr <flags> path`, e.g. "+i".
+pub fn chattr(path: &Path, flags: &str) {
+    let ok = Command::new("chattr")
+        .arg(flags)
+        .arg(path)
+        .status()
+        .expect("run chattr")
+        .success();
+    assert!(ok, "chattr {flags} {} failed", path.display());
+}
+
+/// Stops a helper thread (e.g. a swapper) on drop, even when a test fails.
+pub struct StopOnDrop {
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl StopOnDrop {
+    /// Runs `step` in a loop on a thread until stopped; counts the steps.
+    pub fn spawn(mut step: impl FnMut() + Send + 'static) -> StopOnDrop {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                step();
+                n += 1;
+            }
+            n
+        });
+        StopOnDrop {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the thread and returns how many steps it made.
+    pub fn finish(mut self) -> u64 {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Stages (creating the staging directory) and publishes, as kubelet does.
+pub async fn stage_publish(
+    c: &mut Clients,
+    id: &str,
+    target: &Path,
+    cap: VolumeCapability,
+) -> Result<(), tonic::Status> {
+    let staging = PathBuf::from(staging_for(target));
+    std::fs::create_dir_all(&staging).unwrap();
+    c.node
+        .node_stage_volume(stage_req(id, &staging, cap.clone()))
+        .await?;
+    c.node
+        .node_publish_volume(publish_req(id, target, cap))
+        .await?;
+    Ok(())
+}
+
+/// Unpublishes and unstages what `stage_publish` did.
+pub async fn unpublish_unstage(
+    c: &mut Clients,
+    id: &str,
+    target: &Path,
+) -> Result<(), tonic::Status> {
+    c.node
+        .node_unpublish_volume(unpublish_req(id, target))
+        .await?;
+    let staging = PathBuf::from(staging_for(target));
+    c.node
+        .node_unstage_volume(unstage_req(id, &staging))
+        .await?;
+    Ok(())
+}
+
+/// Runs an RPC future with a bound: a hang is a failure, not a stuck test.
+pub async fn bounded<T>(what: &str, bound: Duration, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(bound, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not return within {bound:?} (hung)"),
+    }
+}
+
+// ------------------------------------------------------------ volumes and snapshots
+
+/// A Filesystem (directory) volume request.
+pub fn dir_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    create_req(name, size, rwo())
+}
+
+/// A Block volume request.
+pub fn block_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    create_req(name, size, block_cap(Mode::SingleNodeWriter))
+}
+
+/// A `layout: image` (loop-mounted XFS) Filesystem volume request.
+pub fn image_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    with_params(create_req(name, size, rwo()), &[("layout", "image")])
+}
+
+/// Adds StorageClass parameters to a create request.
+pub fn with_params(mut r: CreateVolumeRequest, pairs: &[(&str, &str)]) -> CreateVolumeRequest {
+    r.parameters.extend(params(pairs));
+    r
+}
+
+/// A create request that clones volume `source`.
+pub fn clone_of(mut r: CreateVolumeRequest, source: &str) -> CreateVolumeRequest {
+    use hostpath_csi::proto::volume_content_source::{Type, VolumeSource};
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: source.into(),
+        })),
+    });
+    r
+}
+
+/// A create request that restores snapshot `snapshot`.
+pub fn restore_of(mut r: CreateVolumeRequest, snapshot: &str) -> CreateVolumeRequest {
+    use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type};
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snapshot.into(),
+        })),
+    });
+    r
+}
+
+pub fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+pub fn delete_snapshot_req(id: &str) -> DeleteSnapshotRequest {
+    DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// ControllerExpandVolume to `size` bytes.
+pub fn grow_req(id: &str, size: i64) -> ControllerExpandVolumeRequest {
+    ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// CreateVolume that must succeed.
+pub async fn create_ok(c: &mut Clients, r: CreateVolumeRequest) -> Volume {
+    let name = r.name.clone();
+    match c.controller.create_volume(r).await {
+        Ok(v) => v.into_inner().volume.expect("a volume in the response"),
+        Err(s) => panic!("CreateVolume {name}: {s:?}"),
+    }
+}
+
+/// CreateSnapshot that must succeed.
+pub async fn snapshot_ok(c: &mut Clients, name: &str, source: &str) -> Snapshot {
+    match c
+        .controller
+        .create_snapshot(snapshot_req(name, source))
+        .await
+    {
+        Ok(r) => r.into_inner().snapshot.expect("a snapshot in the response"),
+        Err(s) => panic!("CreateSnapshot {name} of {source}: {s:?}"),
+    }
+}
+
+/// The capacity ControllerGetVolume reports.
+pub async fn reported_capacity(c: &mut Clients, id: &str) -> i64 {
+    c.controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerGetVolume {id}: {s:?}"))
+        .into_inner()
+        .volume
+        .expect("a volume in the response")
+        .capacity_bytes
+}
+
+/// Every snapshot ID in one unpaged listing.
+pub async fn listed_snapshot_ids(c: &mut Clients) -> Vec<String> {
+    c.controller
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect()
+}
+
+/// Polls until a deleted volume's directory or file and everything in the
+/// pool's temp area are gone (removal may finish after DeleteVolume).
+pub async fn eventually_removed(d: &Driver, id: &str) {
+    let (path, pool) = (d.pool().join(id), d.pool().to_path_buf());
+    eventually(
+        &format!("volume {id} and the pool's temp area are emptied"),
+        EVENTUALLY,
+        || std::fs::symlink_metadata(&path).is_err() && tmp_entries(&pool).is_empty(),
+        || {
+            format!(
+                "{} exists: {}; temp area holds {:?}\ndriver log:\n{}",
+                path.display(),
+                std::fs::symlink_metadata(&path).is_ok(),
+                tmp_entries(&pool),
+                tail(&d.log(), 20)
+            )
+        },
+    )
+    .await;
+}
+
+// ------------------------------------------------------------ file contents
+
+/// Writes `len` bytes derived from `seed` (every 4 KiB block differs) and fsyncs.
+pub fn write_pattern(path: &Path, len: u64, seed: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut block = vec![0u8; 4096];
+    let mut written = 0;
+    while written < len {
+        let n = (len - written).min(4096) as usize;
+        let tag = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (written / 4096);
+        for (i, b) in block[..n].iter_mut().enumerate() {
+            *b = (tag >> ((i % 8) * 8)) as u8 ^ (i as u8);
+        }
+        f.write_all(&block[..n]).unwrap();
+        written += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// FNV-1a of a file's bytes, and its length: equal content, equal digest.
+pub fn file_digest(path: &Path) -> (u64, u64) {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let (mut h, mut len) = (0xcbf2_9ce4_8422_2325u64, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return (h, len);
+        }
+        for b in &buf[..n] {
+            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        len += n as u64;
+    }
+}
+
+/// Regular files below `root` (links are not followed) whose bytes hold `marker`.
+pub fn files_holding(root: &Path, marker: &[u8]) -> Vec<PathBuf> {
+    tree(root)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .filter(|p| {
+            std::fs::read(p).is_ok_and(|data| data.windows(marker.len()).any(|w| w == marker))
+        })
+        .collect()
+}
+
+/// Every path below `root` with its type and (for files) content digest:
+/// two equal snapshots mean nothing was changed.
+pub fn fingerprint(root: &Path) -> Vec<(PathBuf, String)> {
+    tree(root)
+        .into_iter()
+        .map(|p| {
+            let what = match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() => format!("file {:?}", file_digest(&p)),
+                Ok(m) if m.is_dir() => "dir".to_owned(),
+                Ok(m) if m.file_type().is_symlink() => {
+                    format!("link {:?}", std::fs::read_link(&p).ok())
+                }
+                Ok(_) => "other".to_owned(),
+                Err(e) => format!("gone: {e}"),
+            };
+            (p, what)
+        })
+        .collect()
 }

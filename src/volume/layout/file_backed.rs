@@ -1,0 +1,137 @@
+//! What every layout stored as one regular file shares: making the file,
+//! growing it without ever lifting its limit on failure, preallocation,
+//! and its loop devices.
+
+use std::fs;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::block::{self, AttachOptions, FileId, LoopDevice};
+use crate::error::{CoreError, CoreResult, IoContext};
+use crate::mount;
+use crate::volume::{Volume, VolumeMeta};
+
+/// Creates the sparse file of a new volume.
+pub fn build(meta: &VolumeMeta, staged: &Path) -> CoreResult<()> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(staged)
+        .context(|| format!("create {}", staged.display()))?;
+    fs::set_permissions(staged, fs::Permissions::from_mode(0o660))
+        .context(|| format!("chmod {}", staged.display()))?;
+    file.set_len(meta.capacity_bytes)
+        .context(|| format!("size {}", staged.display()))
+}
+
+fn open_rw(path: &Path) -> CoreResult<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .context(|| format!("open {}", path.display()))
+}
+
+/// Grows the file to `capacity` (and allocates it when the volume is
+/// preallocated). A failure puts the old size back, so an image volume's
+/// hard limit is never silently lifted; success is on disk when this returns.
+pub fn grow(vol: &Volume, capacity: u64) -> CoreResult<()> {
+    let file = open_rw(&vol.path)?;
+    let old = file
+        .metadata()
+        .context(|| format!("stat {}", vol.path.display()))?
+        .len();
+    let grown = (|| {
+        file.set_len(capacity)
+            .context(|| format!("grow {}", vol.path.display()))?;
+        if vol.meta.preallocated {
+            block::preallocate(&vol.path, capacity)
+                .context(|| format!("allocate {}", vol.path.display()))?;
+        }
+        file.sync_all()
+            .context(|| format!("flush {}", vol.path.display()))
+    })();
+    if let Err(e) = grown {
+        if let Err(undo) = file.set_len(old).and_then(|()| file.sync_all()) {
+            tracing::error!(volume = vol.id(), error = %undo, "cannot put the old size back after a failed expansion");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Allocates every byte of the file.
+pub fn preallocate(vol: &Volume) -> CoreResult<()> {
+    block::preallocate(&vol.path, vol.meta.capacity_bytes)
+        .context(|| format!("allocate {}", vol.path.display()))?;
+    open_rw(&vol.path)?
+        .sync_all()
+        .context(|| format!("flush {}", vol.path.display()))
+}
+
+/// The loop devices backing the volume's file.
+pub fn devices(vol: &Volume) -> CoreResult<Vec<LoopDevice>> {
+    Ok(FileId::of_path(&vol.path)?
+        .map(block::devices_of)
+        .unwrap_or_default())
+}
+
+/// The volume's loop device for `read_only` use, attaching one if none
+/// exists. Read-only and read-write users get separate devices: a
+/// read-only bind mount of a device node does not stop writes to the
+/// device. A device with a deferred detach pending is never reused.
+pub fn ensure_attached(vol: &Volume, read_only: bool) -> CoreResult<LoopDevice> {
+    if let Some(dev) = devices(vol)?
+        .into_iter()
+        .find(|d| d.read_only == read_only && !d.autoclear)
+    {
+        return Ok(dev);
+    }
+    block::attach(
+        &vol.path,
+        AttachOptions {
+            read_only,
+            direct_io: true,
+            block_size: vol.meta.block_size,
+        },
+    )
+}
+
+/// Detaches the volume's devices that no mount uses. With `for_delete`, a
+/// device a mount uses, or one still held open after `wait`, refuses.
+pub fn release(vol: &Volume, wait: Duration, for_delete: bool) -> CoreResult<()> {
+    let devs = devices(vol)?;
+    if devs.is_empty() {
+        return Ok(());
+    }
+    let mounts = mount::mounts()?;
+    for dev in devs {
+        let in_use = block::used_by(&mounts, dev.number);
+        let held = !in_use && !block::detach_and_wait(&dev, wait)?;
+        if for_delete && (in_use || held) {
+            return Err(CoreError::VolumeInUse {
+                id: vol.id().to_owned(),
+                by: format!(
+                    "attached as {}{}",
+                    dev.path.display(),
+                    if in_use {
+                        ", which a mount uses"
+                    } else {
+                        ", held open"
+                    }
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the mount `m` uses one of the volume's devices, through `via`
+/// (the device number a mount shows, if any).
+pub fn uses_device(vol: &Volume, via: Option<u32>) -> bool {
+    let Some(n) = via else { return false };
+    devices(vol).is_ok_and(|devs| devs.iter().any(|d| d.number == n))
+}

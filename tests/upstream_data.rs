@@ -1,0 +1,89 @@
+//! Data the Go driver left in a pool is adopted, never damaged: its
+//! snapshots (`<snapshotPath>/<id>/data` beside an empty directory named
+//! after the source volume) are listed and restorable, and a snapshot
+//! directory inside the pool is never a volume.
+
+mod common;
+
+use common::*;
+use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type as Src};
+use hostpath_csi::proto::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn go_driver_snapshots_are_listed_and_restorable_and_never_volumes() {
+    let base = tempfile::Builder::new()
+        .prefix("hpc-upstream-")
+        .tempdir()
+        .unwrap();
+    let pool = base.path().join("csi");
+    let snapshots = pool.join("snapshots");
+    // What the Go driver's reflink provider leaves.
+    std::fs::create_dir_all(snapshots.join("snap-go/data/sub")).unwrap();
+    std::fs::create_dir_all(snapshots.join("snap-go/pvc-src")).unwrap();
+    std::fs::write(snapshots.join("snap-go/data/sub/disk.img"), b"vm disk").unwrap();
+    let json = serde_json::json!([
+        {"name": "local", "path": pool, "snapshotPath": snapshots, "snapshotProvider": "reflink"}
+    ])
+    .to_string();
+    let mut d = Driver::start_with_datadir(&json).await;
+    let listed: Vec<String> =
+        d.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect();
+    assert!(
+        listed.is_empty(),
+        "the snapshot directory was listed as a volume: {listed:?}"
+    );
+    let snaps =
+        d.c.controller
+            .list_snapshots(ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+    assert_eq!(snaps.len(), 1);
+    let s = snaps[0].snapshot.clone().unwrap();
+    assert_eq!(
+        (s.snapshot_id.as_str(), s.source_volume_id.as_str()),
+        ("snap-go", "pvc-src")
+    );
+    assert!(s.ready_to_use);
+    let mut r = create_req("pvc-restored", GIB, rwo());
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Src::Snapshot(SnapshotSource {
+            snapshot_id: "snap-go".into(),
+        })),
+    });
+    d.c.controller.create_volume(r).await.unwrap();
+    assert_eq!(
+        std::fs::read(pool.join("pvc-restored/sub/disk.img")).unwrap(),
+        b"vm disk"
+    );
+    // Deleting "snapshots" as if it were a volume touches nothing.
+    let r = d.c.controller.delete_volume(delete_req("snapshots")).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert!(snapshots.join("snap-go/data/sub/disk.img").exists());
+    let r =
+        d.c.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "snapshots".into(),
+            })
+            .await;
+    assert_eq!(code(&r), Code::NotFound);
+    // The Go driver's snapshot is deleted like ours.
+    d.c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: "snap-go".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!snapshots.join("snap-go").exists());
+}
