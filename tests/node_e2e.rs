@@ -8,7 +8,6 @@
 //!
 //! Needs root, podman and runc (hack/test.sh installs them).
 
-mod common;
 mod e2e;
 
 use std::fs::{File, OpenOptions};

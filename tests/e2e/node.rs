@@ -5,11 +5,12 @@
 //! when a test fails.
 
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use hostpath_csi::block::FileId;
 use hostpath_csi::client::Clients;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tempfile::TempDir;
@@ -49,8 +50,8 @@ pub struct Node {
     /// In every container name, volume and snapshot name of this node.
     pub tag: String,
     containers: Vec<String>,
-    /// (st_dev, st_ino) of every file a loop device may sit on.
-    backing: Vec<(u64, u64)>,
+    /// Every file a loop device may sit on.
+    backing: Vec<FileId>,
 }
 
 impl Node {
@@ -98,9 +99,9 @@ impl Node {
     /// Remembers a file that loop devices may be attached to, so cleanup
     /// finds them by inode (their path is the one the container saw).
     pub fn track_backing(&mut self, host_file: &Path) {
-        if let Ok(st) = std::fs::metadata(host_file) {
-            if !self.backing.contains(&(st.dev(), st.ino())) {
-                self.backing.push((st.dev(), st.ino()));
+        if let Ok(Some(id)) = FileId::of_path(host_file) {
+            if !self.backing.contains(&id) {
+                self.backing.push(id);
             }
         }
     }
@@ -109,11 +110,7 @@ impl Node {
     pub fn attached_loops(&self) -> Vec<u32> {
         hostpath_csi::block::list_attached()
             .into_iter()
-            .filter(|d| {
-                self.backing
-                    .iter()
-                    .any(|&(dev, ino)| hostpath_csi::block::backs_inode(d.number, dev, ino))
-            })
+            .filter(|d| self.backing.contains(&d.file))
             .map(|d| d.number)
             .collect()
     }
@@ -121,12 +118,12 @@ impl Node {
     /// Loop devices on one file (by device and inode: the kernel keeps the
     /// path the container saw).
     pub fn loops_on(&self, host_file: &Path) -> Vec<u32> {
-        let Ok(st) = std::fs::metadata(host_file) else {
+        let Ok(Some(id)) = FileId::of_path(host_file) else {
             return Vec::new();
         };
         hostpath_csi::block::list_attached()
             .into_iter()
-            .filter(|d| hostpath_csi::block::backs_inode(d.number, st.dev(), st.ino()))
+            .filter(|d| d.file == id)
             .map(|d| d.number)
             .collect()
     }
@@ -360,18 +357,13 @@ pub fn sweep_stale() {
                 .output();
         }
         unmount_below(&e.path());
-        let files: Vec<(u64, u64)> = walk_files(&e.path())
+        let files: Vec<FileId> = walk_files(&e.path())
             .iter()
-            .filter_map(|f| std::fs::metadata(f).ok())
-            .map(|st| (st.dev(), st.ino()))
+            .filter_map(|f| FileId::of_path(f).ok().flatten())
             .collect();
         let loops: Vec<u32> = hostpath_csi::block::list_attached()
             .into_iter()
-            .filter(|d| {
-                files
-                    .iter()
-                    .any(|&(dev, ino)| hostpath_csi::block::backs_inode(d.number, dev, ino))
-            })
+            .filter(|d| files.contains(&d.file))
             .map(|d| d.number)
             .collect();
         detach(&loops);
