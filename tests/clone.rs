@@ -2005,3 +2005,26 @@ async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
     create(&mut d, cloned(block("c1", 100 * MIB), "blk")).await;
     assert_eq!(digest(&d.pool().join("c1")), digest(&d.pool().join("blk")));
 }
+
+/// A snapshot or clone of a published image volume includes what the pod
+/// wrote but did not flush: the driver syncs the mounted filesystem first.
+#[tokio::test]
+async fn copies_of_a_published_image_include_unflushed_writes() {
+    let mut d = Driver::start().await;
+    create(&mut d, image("img", 320 * MIB)).await;
+    let m = stage_and_publish(&mut d, "img").await;
+    fs::write(m.target.join("note"), b"written, not flushed").unwrap();
+    d.c.controller.create_snapshot(snap("s", "img")).await.unwrap();
+    create(&mut d, restored(image("from-snap", 320 * MIB), "s")).await;
+    fs::write(m.target.join("later"), b"also unflushed").unwrap();
+    create(&mut d, cloned(image("from-clone", 320 * MIB), "img")).await;
+    for (id, file, want) in [
+        ("from-snap", "note", &b"written, not flushed"[..]),
+        ("from-clone", "later", &b"also unflushed"[..]),
+    ] {
+        let copy = stage_and_publish(&mut d, id).await;
+        assert_eq!(fs::read(copy.target.join(file)).unwrap(), want, "{id}");
+        unpublish_and_unstage(&mut d, id, &copy).await;
+    }
+    unpublish_and_unstage(&mut d, "img", &m).await;
+}

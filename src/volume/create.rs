@@ -190,6 +190,7 @@ impl Core {
                 let v = self
                     .find_volume(id)?
                     .ok_or_else(|| elsewhere(Object::SourceVolume, id))?;
+                v.layout().settle(&v);
                 let view = SourceView {
                     path: v.path,
                     layout: v.meta.layout,

@@ -198,6 +198,10 @@ impl Core {
             group_id: group_id.map(str::to_owned),
             fs_type: vol.meta.fs_type,
         };
+        if take == Take::Copy {
+            // Under a group's freeze the filesystem is already flushed.
+            vol.layout().settle(&vol);
+        }
         let staging = format!("{STAGING_PREFIX}{name}.{}", std::process::id());
         remove_in_snapshots(pool, &staging);
         let built = (|| {

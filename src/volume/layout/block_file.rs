@@ -140,6 +140,10 @@ impl LayoutKind for BlockFile {
         })
     }
 
+    fn settle(&self, vol: &Volume) {
+        file_backed::settle(vol)
+    }
+
     fn grow(&self, vol: &Volume, capacity: u64) -> CoreResult<()> {
         file_backed::grow(vol, capacity)
     }

@@ -135,3 +135,26 @@ pub fn uses_device(vol: &Volume, via: Option<u32>) -> bool {
     let Some(n) = via else { return false };
     devices(vol).is_ok_and(|devs| devs.iter().any(|d| d.number == n))
 }
+
+/// Flushes the volume's mounted filesystems (syncfs) and its loop devices'
+/// buffers (fsync of the device), so the backing file holds what was
+/// written. Best effort: a failure leaves the copy crash-consistent.
+pub fn settle(vol: &Volume) {
+    let Ok(devs) = devices(vol) else { return };
+    if devs.is_empty() {
+        return;
+    }
+    let mounts = mount::mounts().unwrap_or_default();
+    for dev in devs {
+        if let Some(m) = mounts
+            .iter()
+            .find(|m| block::mounted_loop(m) == Some(dev.number))
+        {
+            if let Ok(dir) = fs::File::open(&m.mount_point) {
+                let _ = nix::unistd::syncfs(&dir);
+            }
+        } else if let Ok(node) = fs::File::open(&dev.path) {
+            let _ = node.sync_all();
+        }
+    }
+}

@@ -169,6 +169,10 @@ impl LayoutKind for Image {
         })
     }
 
+    fn settle(&self, vol: &Volume) {
+        file_backed::settle(vol)
+    }
+
     fn grow(&self, vol: &Volume, capacity: u64) -> CoreResult<()> {
         file_backed::grow(vol, capacity)
     }

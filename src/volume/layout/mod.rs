@@ -116,6 +116,10 @@ pub trait LayoutKind: Send + Sync {
             self.traits().describe
         )))
     }
+    /// Flushes what users of the volume have written but not yet sent to
+    /// its backing store (a mounted image's page cache, a loop device's
+    /// buffers), so a snapshot or clone taken next includes it.
+    fn settle(&self, _vol: &Volume) {}
     /// Makes the node see a grown volume; returns the size now in effect.
     fn node_expand(&self, _core: &Core, vol: &Volume) -> CoreResult<u64> {
         Ok(vol.meta.capacity_bytes)
