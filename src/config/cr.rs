@@ -83,9 +83,17 @@ pub struct StoragePool {
     pub pvc_template: Option<PvcTemplate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_provider: Option<String>,
+    /// Name of the Immediate-binding StorageClass upstream makes for a
+    /// shared (ReadWriteMany) pool; `hpp-overlay` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_class_name: Option<String>,
+    /// Fields this version does not know: warned about, never silently dropped.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
-/// The parts of a PersistentVolumeClaimSpec a pool template uses.
+/// A PersistentVolumeClaimSpec, as upstream's pvcTemplate is: every field
+/// is passed on to the pool's claims.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PvcTemplate {
@@ -99,6 +107,19 @@ pub struct PvcTemplate {
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<serde_json::Value>,
+    /// Pre-populates each claim (e.g. from a snapshot), as upstream passes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source_ref: Option<serde_json::Value>,
+    /// Binds the claims to one PV (only sensible for a shared pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_attributes_class_name: Option<String>,
+    /// Fields this version does not know: warned about, never silently dropped.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -238,8 +259,21 @@ impl HostPathProvisioner {
                     ),
                 ));
             }
+            for key in pool.unknown.keys() {
+                warnings.push(format!("{at}.{key}: unknown field, ignored"));
+            }
             if let Some(t) = &pool.pvc_template {
                 validate_pvc_template(t, &format!("{at}.pvcTemplate"))?;
+                for key in t.unknown.keys() {
+                    warnings.push(format!(
+                        "{at}.pvcTemplate.{key}: not a PersistentVolumeClaimSpec field, ignored"
+                    ));
+                }
+                if t.volume_name.is_some() && !t.is_shared() {
+                    warnings.push(format!(
+                        "{at}.pvcTemplate.volumeName: every node's claim names the same PersistentVolume, so only one of them can bind"
+                    ));
+                }
             }
         }
         Ok(warnings)
