@@ -12,6 +12,7 @@ pub mod names;
 pub mod pool;
 pub mod poolmount;
 pub mod render;
+pub mod rollback;
 pub mod server;
 pub mod volume;
 pub mod xfs;

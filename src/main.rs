@@ -32,6 +32,9 @@ enum Command {
     Render(hostpath_csi::render::RenderArgs),
     /// Mount or unmount a pvcTemplate pool (the per-node mounter).
     Pool(hostpath_csi::poolmount::PoolArgs),
+    /// Read a node's pools (never writing) and list what the Go driver could
+    /// not serve after a rollback; exit 1 when something would break.
+    RollbackCheck(hostpath_csi::rollback::RollbackCheckArgs),
 }
 
 #[derive(clap::Args)]
@@ -100,12 +103,34 @@ enum StartError {
     NoPools,
     #[error("{0}")]
     Serve(String),
+    #[error("cannot check the pools: {0}")]
+    Check(#[from] hostpath_csi::rollback::CheckError),
+    #[error("{0} volume(s) or snapshot(s) would break on a rollback")]
+    RollbackBreaks(usize),
     #[error("{0}")]
     Other(String),
 }
 
+impl StartError {
+    /// 2 for a command line that cannot be used (as Go's flag package) or
+    /// pools that cannot be read by rollback-check; 1 otherwise.
+    fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Args(_) | StartError::Check(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
 fn load_pools(args: &ServeArgs) -> Result<Vec<PoolConfig>, StartError> {
-    match (&args.datadir, &args.config) {
+    pools_from(&args.datadir, &args.config)
+}
+
+fn pools_from(
+    datadir: &Option<String>,
+    config: &Option<PathBuf>,
+) -> Result<Vec<PoolConfig>, StartError> {
+    match (datadir, config) {
         (Some(json), None) => Ok(config::parse_datadir(json)?),
         (None, Some(file)) => {
             let text = std::fs::read_to_string(file).map_err(|source| StartError::ReadConfig {
@@ -233,6 +258,26 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+fn rollback_check(args: hostpath_csi::rollback::RollbackCheckArgs) -> Result<(), StartError> {
+    use hostpath_csi::rollback;
+    let pools = pools_from(&args.datadir, &args.config)?;
+    let findings = rollback::check(&pools)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&findings).expect("findings serialize");
+        println!("{json}");
+    } else {
+        print!("{}", rollback::report(&findings));
+    }
+    match findings
+        .iter()
+        .filter(|f| f.severity == rollback::Severity::Breaks)
+        .count()
+    {
+        0 => Ok(()),
+        n => Err(StartError::RollbackBreaks(n)),
+    }
+}
+
 fn run(invocation: Invocation) -> Result<(), StartError> {
     let runtime = runtime();
     match invocation {
@@ -252,6 +297,7 @@ fn run(invocation: Invocation) -> Result<(), StartError> {
             Command::Pool(args) => runtime
                 .block_on(hostpath_csi::poolmount::run(args))
                 .map_err(StartError::Other),
+            Command::RollbackCheck(args) => rollback_check(args),
         },
     }
 }
@@ -274,7 +320,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hostpath-csi: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
