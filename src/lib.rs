@@ -6,6 +6,7 @@ pub mod config;
 pub mod copy;
 pub mod csi;
 pub mod error;
+pub mod kube;
 pub mod metrics;
 pub mod mount;
 pub mod names;
@@ -14,6 +15,7 @@ pub mod poolmount;
 pub mod render;
 pub mod rollback;
 pub mod server;
+pub mod snaplabel;
 pub mod volume;
 pub mod xfs;
 

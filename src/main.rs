@@ -35,6 +35,9 @@ enum Command {
     /// Read a node's pools (never writing) and list what the Go driver could
     /// not serve after a rollback; exit 1 when something would break.
     RollbackCheck(hostpath_csi::rollback::RollbackCheckArgs),
+    /// Label this node's VolumeSnapshotContents for a node-deployment
+    /// csi-snapshotter, where the snapshot-controller does not (OpenShift).
+    SnapshotLabeler(hostpath_csi::snaplabel::LabelerArgs),
 }
 
 #[derive(clap::Args)]
@@ -298,6 +301,9 @@ fn run(invocation: Invocation) -> Result<(), StartError> {
                 .block_on(hostpath_csi::poolmount::run(args))
                 .map_err(StartError::Other),
             Command::RollbackCheck(args) => rollback_check(args),
+            Command::SnapshotLabeler(args) => runtime
+                .block_on(hostpath_csi::snaplabel::run(args))
+                .map_err(|e| StartError::Other(e.to_string())),
         },
     }
 }
