@@ -187,7 +187,10 @@ fn claim_object(
         spec["volumeAttributesClassName"] = json!(v);
     }
     let mut claim_labels = labels("pool-storage");
+    // Upstream's labels: its status lists a pool's claims by these, so after
+    // a rollback to the operator it finds (and reuses) them.
     claim_labels[POOL_LABEL] = json!(upstream_pool_label(&pool.name));
+    claim_labels["k8s-app"] = json!("hostpath-provisioner");
     json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
