@@ -285,3 +285,85 @@ impl Watch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The in-cluster path: HTTPS verified against the CA file, the token
+    /// read from its file into the Authorization header.
+    #[tokio::test]
+    async fn https_with_a_ca_and_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("token"), "sekret\n").unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"kind":"List","items":[]}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            tls.write_all(reply.as_bytes()).await.unwrap();
+            tls.shutdown().await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let client = Client::new(
+            &format!("https://127.0.0.1:{port}"),
+            Some(dir.path().join("token")),
+            Some(&dir.path().join("ca.crt")),
+        )
+        .unwrap();
+        let list = client.get("/api/v1/things").await.unwrap();
+        assert_eq!(list["kind"], "List");
+        let request = served.await.unwrap().to_ascii_lowercase();
+        assert!(
+            request.starts_with("get /api/v1/things http/1.1"),
+            "{request}"
+        );
+        assert!(
+            request.contains("authorization: bearer sekret\r\n"),
+            "{request}"
+        );
+    }
+
+    #[test]
+    fn urls() {
+        assert!(Client::new("http://[fd00::1]:6443", None, None).is_ok());
+        assert!(matches!(
+            Client::new("https://h:6443", None, None),
+            Err(KubeError::BadUrl(_))
+        ));
+        assert!(matches!(
+            Client::new("ftp://h:1", None, None),
+            Err(KubeError::BadUrl(_))
+        ));
+    }
+}
