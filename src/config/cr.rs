@@ -259,21 +259,9 @@ impl HostPathProvisioner {
                     ),
                 ));
             }
-            for key in pool.unknown.keys() {
-                warnings.push(format!("{at}.{key}: unknown field, ignored"));
-            }
+            warnings.extend(pool_warnings(pool, &at));
             if let Some(t) = &pool.pvc_template {
                 validate_pvc_template(t, &format!("{at}.pvcTemplate"))?;
-                for key in t.unknown.keys() {
-                    warnings.push(format!(
-                        "{at}.pvcTemplate.{key}: not a PersistentVolumeClaimSpec field, ignored"
-                    ));
-                }
-                if t.volume_name.is_some() && !t.is_shared() {
-                    warnings.push(format!(
-                        "{at}.pvcTemplate.volumeName: every node's claim names the same PersistentVolume, so only one of them can bind"
-                    ));
-                }
             }
         }
         Ok(warnings)
@@ -304,6 +292,27 @@ impl HostPathProvisioner {
             })
             .collect()
     }
+}
+
+/// What is accepted but odd in a pool: unknown fields (never dropped
+/// silently), and a volumeName every node's claim would share.
+fn pool_warnings(pool: &StoragePool, at: &str) -> Vec<String> {
+    let mut warnings: Vec<String> = pool
+        .unknown
+        .keys()
+        .map(|key| format!("{at}.{key}: unknown field, ignored"))
+        .collect();
+    if let Some(t) = &pool.pvc_template {
+        warnings.extend(t.unknown.keys().map(|key| {
+            format!("{at}.pvcTemplate.{key}: not a PersistentVolumeClaimSpec field, ignored")
+        }));
+        if t.volume_name.is_some() && !t.is_shared() {
+            warnings.push(format!(
+                "{at}.pvcTemplate.volumeName: every node's claim names the same PersistentVolume, so only one of them can bind"
+            ));
+        }
+    }
+    warnings
 }
 
 fn validate_pvc_template(t: &PvcTemplate, at: &str) -> Result<(), ConfigError> {
