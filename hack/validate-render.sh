@@ -24,13 +24,13 @@ for cr in deploy/examples/hpp-*.yaml tests/golden/inputs/*.yaml; do
     --namespace openshift-cnv >"$out/rendered-openshift-$name"
 done
 crds=(--crd deploy/crd/hostpathprovisioner.yaml --crd tests/schemas/security.openshift.io.yaml
-  --crd tests/schemas/monitoring.coreos.com.yaml)
+  --crd tests/schemas/monitoring.coreos.com.yaml --crd tests/schemas/cdi.kubevirt.io.yaml)
 for extra in ${EXTRA_CRDS:-}; do
   crds+=(--crd "$extra")
 done
 python3 hack/validate_k8s.py "${crds[@]}" \
   --require-kind SecurityContextConstraints --require-kind ServiceMonitor \
-  --require-kind PrometheusRule --require-kind HostPathProvisioner \
+  --require-kind PrometheusRule --require-kind HostPathProvisioner --require-kind StorageProfile \
   --ignore-field HostPathProvisioner.workload \
   "$out"/*.yaml tests/golden/*.yaml tests/golden/openshift/*.yaml deploy/base/*.yaml \
   deploy/crd/*.yaml deploy/examples/*.yaml tests/golden/inputs/*.yaml

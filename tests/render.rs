@@ -1087,3 +1087,22 @@ fn openshift_snapshots_are_labelled_by_the_driver_pods() {
     let snapshotter = strings(&container(ds, "csi-snapshotter")["args"]);
     assert!(snapshotter.contains(&"--node-deployment".to_owned()));
 }
+
+#[test]
+fn the_shipped_storage_profile_moves_disks_across_nodes() {
+    // CDI never falls back to a host-assisted copy when a CSI clone is
+    // refused, and the driver clones only on the source's node.
+    let profile: Value =
+        serde_norway::from_str(&read("deploy/examples/storageprofile.yaml")).unwrap();
+    assert_eq!(profile["metadata"]["name"], "hostpath-csi");
+    assert_eq!(profile["spec"]["cloneStrategy"], "copy");
+    let same_node = read("deploy/examples/storageprofile-same-node-clone.yaml");
+    let docs: Vec<Value> = same_node
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap())
+        .collect();
+    let class = docs.iter().find(|d| d["kind"] == "StorageClass").unwrap();
+    let profile = docs.iter().find(|d| d["kind"] == "StorageProfile").unwrap();
+    assert_eq!(profile["metadata"]["name"], class["metadata"]["name"]);
+    assert_eq!(profile["spec"]["cloneStrategy"], "csi-clone");
+}
