@@ -539,3 +539,109 @@ fn serve_keeps_its_flags_and_has_no_metrics_endpoint_unless_asked() {
         started.log()
     );
 }
+
+/// `render` turns the metrics endpoint on: the rendered driver container's
+/// own arguments (with kubelet's expansion) serve HTTPS on 8443, where the
+/// rendered Service and ServiceMonitor point.
+#[test]
+fn the_rendered_daemonsets_driver_arguments_serve_https_metrics() {
+    let dir = RootTempDir::new("render");
+    let pool = dir.0.join("pool");
+    let cr = dir.0.join("hpp.yaml");
+    std::fs::write(
+        &cr,
+        format!(
+            "apiVersion: hostpathprovisioner.kubevirt.io/v1beta1\nkind: HostPathProvisioner\nmetadata: {{name: hpp}}\nspec:\n  storagePools:\n  - {{name: local, path: {}}}\n",
+            pool.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["render", "--platform", "openshift", "--cr"])
+        .arg(&cr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let ds: serde_json::Value = yaml
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_norway::from_str::<serde_json::Value>(d).unwrap())
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let driver = &ds["spec"]["template"]["spec"]["containers"][0];
+    let socket = dir.0.join("csi.sock");
+    let env = [
+        ("NODE_NAME", NODE.to_owned()),
+        ("POD_NAMESPACE", "hostpath-provisioner".to_owned()),
+    ];
+    let args: Vec<String> = driver["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| expand(a.as_str().unwrap(), &env))
+        // The socket lives in the test's directory, not the pod's /csi.
+        .map(|a| {
+            a.replace(
+                "unix:///csi/csi.sock",
+                &format!("unix://{}", socket.display()),
+            )
+        })
+        .collect();
+    assert!(
+        args.contains(&"--metrics-tls-version=VersionTLS13".to_owned()),
+        "{args:?}"
+    );
+    let log = dir.0.join("driver.log");
+    let mut cmd = Command::new(BIN);
+    cmd.args(&args)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null());
+    let own_netns = is_root();
+    if own_netns {
+        // SAFETY: only syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                loopback_up()
+            });
+        }
+    }
+    let driver = Reap(cmd.spawn().unwrap());
+    let netns = own_netns.then(|| PathBuf::from(format!("/proc/{}/ns/net", driver.0.id())));
+    let mut started = Started {
+        driver,
+        socket,
+        log,
+        netns,
+    };
+    started.wait_for_socket();
+    if started.netns.is_none() {
+        return;
+    }
+    let port = ds["spec"]["template"]["spec"]["containers"][0]["ports"][1]["containerPort"]
+        .as_u64()
+        .unwrap() as u16;
+    let (_, body) = started.in_netns(move || {
+        let config = tls_client(&[&rustls::version::TLS13]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match https_get(port, config.clone()) {
+                Ok(v) => return v,
+                Err(e) if Instant::now() > deadline => panic!("no HTTPS on :{port}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(r#"kubevirt_hpp_pool_path_shared_with_os{pool="local"}"#),
+        "{body}"
+    );
+}
