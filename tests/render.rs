@@ -1106,3 +1106,66 @@ fn the_shipped_storage_profile_moves_disks_across_nodes() {
     assert_eq!(profile["metadata"]["name"], class["metadata"]["name"]);
     assert_eq!(profile["spec"]["cloneStrategy"], "csi-clone");
 }
+
+#[test]
+fn the_crd_has_upstreams_status_and_template_fields() {
+    let crd: Value = serde_norway::from_str(&read("deploy/crd/hostpathprovisioner.yaml")).unwrap();
+    let version = &crd["spec"]["versions"][0];
+    // Upstream's operator writes status with a plain update: no subresource.
+    assert!(
+        version["subresources"].is_null(),
+        "{}",
+        version["subresources"]
+    );
+    let schema = &version["schema"]["openAPIV3Schema"]["properties"];
+    let status = &schema["status"]["properties"];
+    let mut keys: Vec<&str> = status
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "conditions",
+            "observedVersion",
+            "operatorVersion",
+            "storagePoolStatuses",
+            "targetVersion"
+        ]
+    );
+    assert_eq!(
+        status["conditions"]["items"]["required"],
+        serde_json::json!(["status", "type"])
+    );
+    let pool_status = &status["storagePoolStatuses"]["items"];
+    assert_eq!(
+        pool_status["required"],
+        serde_json::json!(["name", "phase"])
+    );
+    for k in ["desiredReady", "currentReady", "claimStatuses"] {
+        assert!(!pool_status["properties"][k].is_null(), "{k}");
+    }
+    let claim = &pool_status["properties"]["claimStatuses"]["items"];
+    assert_eq!(claim["required"], serde_json::json!(["name", "status"]));
+    assert!(!claim["properties"]["status"]["properties"]["phase"].is_null());
+
+    let pool = &schema["spec"]["properties"]["storagePools"]["items"]["properties"];
+    assert_eq!(pool["overlayClassName"]["type"], "string");
+    let template = &pool["pvcTemplate"]["properties"];
+    for k in [
+        "accessModes",
+        "dataSource",
+        "dataSourceRef",
+        "resources",
+        "selector",
+        "storageClassName",
+        "volumeAttributesClassName",
+        "volumeMode",
+        "volumeName",
+    ] {
+        assert!(!template[k].is_null(), "pvcTemplate.{k} missing");
+    }
+}
