@@ -15,7 +15,10 @@ mod goflags;
 #[command(
     name = "hostpath-csi",
     version,
-    about = "Node-local CSI driver (drop-in for kubevirt's hostpath provisioner)"
+    about = "Node-local CSI driver (drop-in for kubevirt's hostpath provisioner)",
+    after_help = "Started with flags and no subcommand, as upstream's operator starts the Go driver \
+(--drivername=… --v=3 --endpoint=… --nodeid=… --version=… --datadir=… [--metrics-tls-version=…]), \
+it reads them in Go's flag syntax and serves exactly as `serve`."
 )]
 struct Cli {
     #[command(subcommand)]
