@@ -8,13 +8,16 @@ pub mod csi;
 pub mod dirfd;
 pub mod error;
 pub mod fstools;
+pub mod kube;
 pub mod metrics;
 pub mod mount;
 pub mod names;
 pub mod pool;
 pub mod poolmount;
 pub mod render;
+pub mod rollback;
 pub mod server;
+pub mod snaplabel;
 pub mod tree;
 pub mod volume;
 

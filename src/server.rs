@@ -1,7 +1,6 @@
 //! The gRPC server on a Unix socket.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,7 +47,8 @@ pub struct ServeOptions {
     pub driver_name: String,
     pub version: String,
     pub pools: Vec<PoolConfig>,
-    pub metrics_addr: Option<SocketAddr>,
+    /// The Prometheus endpoint, off when `None`.
+    pub metrics: Option<crate::metrics::Endpoint>,
     pub node_only_expansion: bool,
     pub settings: Settings,
 }
@@ -134,10 +134,13 @@ pub async fn serve(
     // filesystem of the socket's directory, a kubelet dir on the node's disk.
     let os_reference = path.parent().unwrap_or(Path::new("/")).to_path_buf();
     let metrics = Arc::new(Metrics::new().with_os_reference(os_reference));
-    if let Some(addr) = opts.metrics_addr {
+    if let Some(endpoint) = opts.metrics.clone() {
         let (m, c) = (metrics.clone(), core.clone());
+        let addr = endpoint.addr;
+        // As upstream: a metrics endpoint that cannot start is logged, and
+        // the CSI service goes on.
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m, c).await {
+            if let Err(e) = crate::metrics::serve(endpoint, m, c).await {
                 tracing::error!(%addr, error = %e, "metrics server stopped");
             }
         });

@@ -2014,7 +2014,10 @@ async fn copies_of_a_published_image_include_unflushed_writes() {
     create(&mut d, image("img", 320 * MIB)).await;
     let m = stage_and_publish(&mut d, "img").await;
     fs::write(m.target.join("note"), b"written, not flushed").unwrap();
-    d.c.controller.create_snapshot(snap("s", "img")).await.unwrap();
+    d.c.controller
+        .create_snapshot(snap("s", "img"))
+        .await
+        .unwrap();
     create(&mut d, restored(image("from-snap", 320 * MIB), "s")).await;
     fs::write(m.target.join("later"), b"also unflushed").unwrap();
     create(&mut d, cloned(image("from-clone", 320 * MIB), "img")).await;

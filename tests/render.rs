@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hostpath_csi::config::{self, HostPathProvisioner};
-use hostpath_csi::render::{self, RenderError, RenderOptions};
+use hostpath_csi::render::{self, Platform, RenderError, RenderOptions};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
@@ -29,6 +29,16 @@ fn golden_opts() -> RenderOptions {
         image: GOLDEN_IMAGE.into(),
         nodes: NODES.iter().map(|n| n.to_string()).collect(),
         ..RenderOptions::default()
+    }
+}
+
+/// `render --platform openshift --namespace openshift-cnv`, the namespace
+/// OpenShift Virtualization installs the operator's objects in.
+fn openshift_opts() -> RenderOptions {
+    RenderOptions {
+        namespace: "openshift-cnv".into(),
+        platform: Platform::Openshift,
+        ..golden_opts()
     }
 }
 
@@ -329,6 +339,23 @@ fn golden_files() {
         let (yaml, _) = render::render_yaml(&read(input), &golden_opts()).unwrap();
         check_golden(golden, &yaml);
     }
+    for (input, golden) in [
+        (
+            "deploy/examples/hpp-pvc-template-pool.yaml",
+            "tests/golden/openshift/hpp-pvc-template-pool.yaml",
+        ),
+        (
+            "tests/golden/inputs/hpp-mixed.yaml",
+            "tests/golden/openshift/hpp-mixed.yaml",
+        ),
+        (
+            "deploy/examples/hpp-basic.yaml",
+            "tests/golden/openshift/hpp-basic.yaml",
+        ),
+    ] {
+        let (yaml, _) = render::render_yaml(&read(input), &openshift_opts()).unwrap();
+        check_golden(golden, &yaml);
+    }
 }
 
 #[test]
@@ -417,11 +444,13 @@ fn the_install_has_every_object_in_order() {
             "Namespace",
             "CSIDriver",
             "ServiceAccount",
+            "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
             "DaemonSet",
+            "Service",
             "StorageClass",
             "PersistentVolumeClaim",
             "Deployment",
@@ -550,7 +579,7 @@ fn pvc_template_pools_get_a_claim_and_a_pinned_mounter_per_node() {
         &golden_opts(),
     );
     for node in NODES {
-        let name = render::object_name(&["hpp-pool", "my-storage-pool", node]);
+        let name = render::upstream_pool_claim("my-storage-pool", node);
         let pvc = find(&docs, "PersistentVolumeClaim", &name);
         assert_eq!(pvc["spec"]["volumeMode"], "Block");
         assert_eq!(pvc["spec"]["storageClassName"], "my-storage-class");
@@ -641,7 +670,7 @@ fn rwx_templates_share_one_claim_and_placement_reaches_every_pod() {
             assert_eq!(c["imagePullPolicy"], "Always");
         }
     }
-    let shared_mounter = find(&docs, "Deployment", "hpp-pool-shared-node-b-example-com");
+    let shared_mounter = find(&docs, "Deployment", "hpp-pool-shared-node-b.example.com");
     let pod = &shared_mounter["spec"]["template"]["spec"];
     assert_eq!(
         pod["volumes"][1]["persistentVolumeClaim"]["claimName"],
@@ -662,32 +691,146 @@ fn rwx_templates_share_one_claim_and_placement_reaches_every_pod() {
     assert_eq!(c["volumeMounts"][1]["mountPath"], "/source");
 }
 
+/// Pool claim names equal what upstream's operator made for the same pool
+/// and node, so a migration binds the claim that holds the pool's data.
+///
+/// Upstream (hostpath-provisioner-operator storagepool.go and util.go):
+/// name = getResourceNameWithMaxLength("hpp-pool", "<pool>-<node>", 63):
+///   1. n = "hpp-pool-<pool>-<node>"; if len(n) <= 63 the name is n, dots kept.
+///   2. else baseLength = 63 - 10 - len("<pool>-<node>"), which is < 0 because
+///      len(suffix) = len(n) - 9 > 54; so prefix = "hpp-pool"[:min(8, 54)]
+///      = "hpp-pool" and the name is "hpp-pool-" + FNV-1a-32(n) as 8 hex
+///      digits (Go's hash/fnv New32a, "%08x"), cut to 63 (17 characters).
+///
+/// The hashes below were computed with a Python one-off of FNV-1a 32
+/// (offset 0x811c9dc5, prime 0x01000193) over the bytes of n.
 #[test]
-fn long_names_are_cut_to_63_with_a_hash() {
-    let pool = "p".repeat(50);
-    let node = format!("{}.example.com", "n".repeat(60));
-    let yaml = with_second_pool(&format!(
-        "{{name: {pool}, path: /var/long, pvcTemplate: {{resources: {{requests: {{storage: 1Gi}}}}}}}}"
-    ));
+fn pool_claim_names_are_upstreams() {
+    let table: &[(&str, &str, &str)] = &[
+        // n = "hpp-pool-local-node1", 20 <= 63: n itself.
+        ("local", "node1", "hpp-pool-local-node1"),
+        // 39 characters: n itself, dots kept.
+        (
+            "local",
+            "worker-0.ocp.example.com",
+            "hpp-pool-local-worker-0.ocp.example.com",
+        ),
+        // 63 characters exactly: n itself.
+        (
+            "local",
+            "worker-0000000000000000000000000.ocp.example.com",
+            "hpp-pool-local-worker-0000000000000000000000000.ocp.example.com",
+        ),
+        // 64 characters: FNV-1a-32(n) = 89438bf5.
+        (
+            "local",
+            "worker-00000000000000000000000000.ocp.example.com",
+            "hpp-pool-89438bf5",
+        ),
+        // 77 characters: FNV-1a-32(n) = b3be2514.
+        (
+            "local",
+            "compute-1.very-long-cluster-name.region-1.internal.example.com",
+            "hpp-pool-b3be2514",
+        ),
+        // A 50-character pool name (the longest allowed): 62 characters, n itself.
+        (
+            "pppppppppppppppppppppppppppppppppppppppppppppppppp",
+            "n1",
+            "hpp-pool-pppppppppppppppppppppppppppppppppppppppppppppppppp-n1",
+        ),
+    ];
+    for (pool, node, want) in table {
+        assert_eq!(
+            render::upstream_pool_claim(pool, node),
+            *want,
+            "{pool} {node}"
+        );
+        let yaml = format!(
+            "{BASE}  - {{name: {pool}, path: /var/t, pvcTemplate: {{resources: {{requests: {{storage: 1Gi}}}}}}}}\n"
+        );
+        let opts = RenderOptions {
+            nodes: vec![node.to_string()],
+            ..golden_opts()
+        };
+        let (docs, warnings) = render_docs(&yaml, &opts);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let pvc = find(&docs, "PersistentVolumeClaim", want);
+        assert_eq!(pvc["metadata"]["namespace"], "hostpath-provisioner");
+        // Upstream's label on its claims: getResourceNameWithMaxLength(pool, "hpp", 63).
+        assert_eq!(
+            pvc["metadata"]["labels"]["kubevirt.io.hostpath-provisioner/storagePool"],
+            format!("{pool}-hpp")
+        );
+        let mounter = find(&docs, "Deployment", want);
+        assert_eq!(
+            mounter["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"],
+            *want
+        );
+    }
+    // getResourceNameWithMaxLength("hpp-pool", "nfs-backend-shared", 63).
+    assert_eq!(
+        render::upstream_shared_claim("nfs-backend"),
+        "hpp-pool-nfs-backend-shared"
+    );
+}
+
+#[test]
+fn the_namespace_is_where_the_claims_go() {
+    // Under OpenShift Virtualization the operator's claims are in openshift-cnv.
     let opts = RenderOptions {
-        nodes: vec![node.clone(), format!("{}.example.org", "n".repeat(60))],
+        namespace: "openshift-cnv".into(),
         ..golden_opts()
     };
-    let (docs, _) = render_docs(&yaml, &opts);
-    let claims = all(&docs, "PersistentVolumeClaim");
-    assert_eq!(claims.len(), 2);
-    let names: Vec<&str> = claims
-        .iter()
-        .map(|c| c["metadata"]["name"].as_str().unwrap())
-        .collect();
-    assert_ne!(names[0], names[1]);
-    for name in names {
-        assert_eq!(name.len(), 63, "{name}");
-        assert!(name.starts_with("hpp-pool-ppp"), "{name}");
-        assert!(name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
-    }
+    let (docs, _) = render_docs(&read("deploy/examples/hpp-pvc-template-pool.yaml"), &opts);
+    let pvc = find(
+        &docs,
+        "PersistentVolumeClaim",
+        "hpp-pool-my-storage-pool-node-b.example.com",
+    );
+    assert_eq!(pvc["metadata"]["namespace"], "openshift-cnv");
+}
+
+#[test]
+fn pool_names_upstream_could_not_use_get_a_valid_name_and_a_warning() {
+    let (docs, warnings) = render_docs(&read("tests/golden/inputs/hpp-mixed.yaml"), &golden_opts());
+    find(
+        &docs,
+        "PersistentVolumeClaim",
+        "hpp-pool-fs-template-node-a",
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("hpp-pool-fs_template-node-a")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn template_fields_upstream_passes_on_are_kept() {
+    let yaml = template_pool(
+        "{resources: {requests: {storage: 1Gi}}, volumeAttributesClassName: fast, dataSource: {kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io, name: golden}, dataSourceRef: {kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io, name: golden}, volumeName: pv-1, accessModes: [ReadWriteMany], futureField: 1}",
+    );
+    let (docs, warnings) = render_docs(&yaml, &golden_opts());
+    let pvc = find(&docs, "PersistentVolumeClaim", "hpp-pool-t-shared");
+    assert_eq!(pvc["spec"]["volumeAttributesClassName"], "fast");
+    assert_eq!(pvc["spec"]["dataSource"]["name"], "golden");
+    assert_eq!(pvc["spec"]["dataSourceRef"]["kind"], "VolumeSnapshot");
+    assert_eq!(pvc["spec"]["volumeName"], "pv-1");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("pvcTemplate.futureField")),
+        "unknown fields are warned about: {warnings:?}"
+    );
+    // A shared pool also gets upstream's Immediate class, named by overlayClassName.
+    let sc = find(&docs, "StorageClass", "hpp-overlay");
+    assert_eq!(sc["volumeBindingMode"], "Immediate");
+    assert_eq!(sc["parameters"]["overlayCSI"], "true");
+    let named = yaml.replace("{name: t,", "{name: t, overlayClassName: nfs-overlay,");
+    let (docs, _) = render_docs(&named, &golden_opts());
+    find(&docs, "StorageClass", "nfs-overlay");
 }
 
 #[test]
@@ -730,4 +873,299 @@ fn yaml_1_1_specials_are_quoted_for_kubectl() {
     let docs = documents(&out);
     let sc = find(&docs, "StorageClass", "hostpath-csi-on");
     assert_eq!(sc["parameters"]["storagePool"], "on");
+}
+
+// ---------------------------------------------------------------- OpenShift
+
+const OPENSHIFT_KINDS: &[&str] = &[
+    "SecurityContextConstraints",
+    "ServiceMonitor",
+    "PrometheusRule",
+];
+
+#[test]
+fn vanilla_output_has_no_openshift_or_prometheus_operator_objects() {
+    for input in [
+        "deploy/examples/hpp-pvc-template-pool.yaml",
+        "tests/golden/inputs/hpp-mixed.yaml",
+    ] {
+        let (docs, _) = render_docs(&read(input), &golden_opts());
+        for d in &docs {
+            let kind = d["kind"].as_str().unwrap();
+            assert!(!OPENSHIFT_KINDS.contains(&kind), "{input}: {kind}");
+            assert!(
+                !serde_json::to_string(d).unwrap().contains("openshift.io"),
+                "{input}: {kind} {}",
+                d["metadata"]["name"]
+            );
+        }
+        // The metrics Service is plain Kubernetes and ships everywhere.
+        find(&docs, "Service", "hpp-prometheus-metrics");
+    }
+    // --monitoring adds the Prometheus operator objects, still no SCC.
+    let opts = RenderOptions {
+        monitoring: true,
+        ..golden_opts()
+    };
+    let (docs, _) = render_docs(&read("deploy/examples/hpp-basic.yaml"), &opts);
+    find(&docs, "ServiceMonitor", "service-monitor-hpp");
+    find(&docs, "PrometheusRule", "prometheus-hpp-rules");
+    let rb = find(&docs, "RoleBinding", "hostpath-provisioner-monitoring");
+    assert_eq!(rb["subjects"][0]["namespace"], "monitoring");
+    assert!(all(&docs, "SecurityContextConstraints").is_empty());
+}
+
+#[test]
+fn openshift_admits_the_driver_and_the_mounters_under_one_scc() {
+    let (docs, _) = render_docs(
+        &read("deploy/examples/hpp-pvc-template-pool.yaml"),
+        &openshift_opts(),
+    );
+    let scc = find(&docs, "SecurityContextConstraints", "hostpath-csi");
+    assert_eq!(scc["apiVersion"], "security.openshift.io/v1");
+    assert_eq!(scc["allowPrivilegedContainer"], true);
+    assert_eq!(scc["allowHostDirVolumePlugin"], true);
+    for strategy in [
+        "runAsUser",
+        "seLinuxContext",
+        "fsGroup",
+        "supplementalGroups",
+    ] {
+        assert_eq!(scc[strategy]["type"], "RunAsAny", "{strategy}");
+    }
+    assert_eq!(scc["volumes"], serde_json::json!(["*"]));
+    let drops = strings(&scc["requiredDropCapabilities"]);
+    assert!(
+        !drops.contains(&"MKNOD".to_owned()),
+        "loop nodes need mknod"
+    );
+
+    let role = find(&docs, "ClusterRole", "hostpath-csi-scc");
+    assert_eq!(role["rules"][0]["verbs"], serde_json::json!(["use"]));
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        serde_json::json!(["hostpath-csi"])
+    );
+    let binding = find(&docs, "RoleBinding", "hostpath-csi-scc");
+    assert_eq!(binding["metadata"]["namespace"], "openshift-cnv");
+    let subjects: Vec<&str> = binding["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects, ["hostpath-csi", "hostpath-csi-mounter"]);
+
+    let ds = find(&docs, "DaemonSet", "hostpath-csi");
+    let mounters = all(&docs, "Deployment");
+    assert_eq!(mounters.len(), NODES.len());
+    for owner in mounters.iter().copied().chain([ds]) {
+        let meta = &owner["spec"]["template"]["metadata"];
+        assert_eq!(
+            meta["annotations"]["openshift.io/required-scc"],
+            "hostpath-csi"
+        );
+    }
+    for m in &mounters {
+        let pod = &m["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "hostpath-csi-mounter");
+        let c = container(m, "mounter");
+        assert_eq!(c["securityContext"]["runAsUser"], 0);
+        assert_eq!(c["resources"]["requests"]["memory"], "100Mi");
+    }
+    find(&docs, "ServiceAccount", "hostpath-csi-mounter");
+    let ns = find(&docs, "Namespace", "openshift-cnv");
+    assert_eq!(
+        ns["metadata"]["labels"]["openshift.io/cluster-monitoring"],
+        "true"
+    );
+}
+
+#[test]
+fn sidecars_on_the_socket_are_privileged_and_every_container_has_requests() {
+    let (docs, _) = render_docs(&read("deploy/examples/hpp-basic.yaml"), &openshift_opts());
+    let ds = find(&docs, "DaemonSet", "hostpath-csi");
+    for c in ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+    {
+        let name = c["name"].as_str().unwrap();
+        assert_eq!(c["resources"]["requests"]["cpu"], "10m", "{name}");
+        let privileged = c["securityContext"]["privileged"] == true;
+        // As upstream: the liveness probe is the one unprivileged container.
+        assert_eq!(privileged, name != "liveness-probe", "{name}");
+    }
+}
+
+#[test]
+fn monitoring_ships_with_the_openshift_install() {
+    let (docs, _) = render_docs(&read("deploy/examples/hpp-basic.yaml"), &openshift_opts());
+    let ds = find(&docs, "DaemonSet", "hostpath-csi");
+    let driver = container(ds, "hostpath-csi");
+    let args = strings(&driver["args"]);
+    assert!(
+        args.contains(&"--metrics-tls-version=VersionTLS13".to_owned()),
+        "{args:?}"
+    );
+    assert_eq!(driver["ports"][1]["name"], "metrics");
+    assert_eq!(driver["ports"][1]["containerPort"], 8443);
+    let pod_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        pod_labels["prometheus.hostpathprovisioner.kubevirt.io"],
+        "true"
+    );
+
+    let svc = find(&docs, "Service", "hpp-prometheus-metrics");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8443);
+    assert_eq!(
+        svc["spec"]["selector"]["prometheus.hostpathprovisioner.kubevirt.io"],
+        "true"
+    );
+    let sm = find(&docs, "ServiceMonitor", "service-monitor-hpp");
+    assert_eq!(sm["spec"]["endpoints"][0]["scheme"], "https");
+    assert_eq!(
+        sm["spec"]["namespaceSelector"]["matchNames"][0],
+        "openshift-cnv"
+    );
+    let rb = find(&docs, "RoleBinding", "hostpath-provisioner-monitoring");
+    assert_eq!(rb["subjects"][0]["name"], "prometheus-k8s");
+    assert_eq!(rb["subjects"][0]["namespace"], "openshift-monitoring");
+
+    let rule = find(&docs, "PrometheusRule", "prometheus-hpp-rules");
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let by_name = |n: &str| rules.iter().find(|r| r["alert"] == n).unwrap();
+    let shared = by_name("HPPSharingPoolPathWithOS");
+    assert_eq!(shared["expr"], "kubevirt_hpp_pool_path_shared_with_os == 1");
+    assert_eq!(shared["for"], "1m");
+    assert_eq!(shared["labels"]["severity"], "warning");
+    assert_eq!(
+        shared["annotations"]["runbook_url"],
+        "https://kubevirt.io/monitoring/runbooks/HPPSharingPoolPathWithOS"
+    );
+    let not_ready = by_name("HPPNotReady")["expr"].as_str().unwrap();
+    assert!(
+        not_ready.contains(r#"daemonset="hostpath-csi""#),
+        "{not_ready}"
+    );
+    assert!(
+        not_ready.contains(r#"namespace="openshift-cnv""#),
+        "{not_ready}"
+    );
+    let abnormal = by_name("HPPAbnormalVolumes")["expr"].as_str().unwrap();
+    assert!(
+        abnormal.contains("hostpath_csi_abnormal_volumes"),
+        "{abnormal}"
+    );
+}
+
+#[test]
+fn openshift_snapshots_are_labelled_by_the_driver_pods() {
+    let names = |opts: &RenderOptions| -> Vec<String> {
+        let (docs, _) = render_docs(&read("deploy/examples/hpp-basic.yaml"), opts);
+        let ds = find(&docs, "DaemonSet", "hostpath-csi");
+        ds["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(names(&openshift_opts()).contains(&"snapshot-labeler".to_owned()));
+    assert!(!names(&golden_opts()).contains(&"snapshot-labeler".to_owned()));
+    // A cluster with distributed snapshotting needs no labeler.
+    let distributed = RenderOptions {
+        distributed_snapshotting: Some(true),
+        ..openshift_opts()
+    };
+    assert!(!names(&distributed).contains(&"snapshot-labeler".to_owned()));
+    let (docs, _) = render_docs(&read("deploy/examples/hpp-basic.yaml"), &openshift_opts());
+    let ds = find(&docs, "DaemonSet", "hostpath-csi");
+    let labeler = container(ds, "snapshot-labeler");
+    let args = strings(&labeler["args"]);
+    assert_eq!(args[0], "snapshot-labeler");
+    assert_eq!(flag_value(&args, "--node"), "$(NODE_NAME)");
+    let snapshotter = strings(&container(ds, "csi-snapshotter")["args"]);
+    assert!(snapshotter.contains(&"--node-deployment".to_owned()));
+}
+
+#[test]
+fn the_shipped_storage_profile_moves_disks_across_nodes() {
+    // CDI never falls back to a host-assisted copy when a CSI clone is
+    // refused, and the driver clones only on the source's node.
+    let profile: Value =
+        serde_norway::from_str(&read("deploy/examples/storageprofile.yaml")).unwrap();
+    assert_eq!(profile["metadata"]["name"], "hostpath-csi");
+    assert_eq!(profile["spec"]["cloneStrategy"], "copy");
+    let same_node = read("deploy/examples/storageprofile-same-node-clone.yaml");
+    let docs: Vec<Value> = same_node
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap())
+        .collect();
+    let class = docs.iter().find(|d| d["kind"] == "StorageClass").unwrap();
+    let profile = docs.iter().find(|d| d["kind"] == "StorageProfile").unwrap();
+    assert_eq!(profile["metadata"]["name"], class["metadata"]["name"]);
+    assert_eq!(profile["spec"]["cloneStrategy"], "csi-clone");
+}
+
+#[test]
+fn the_crd_has_upstreams_status_and_template_fields() {
+    let crd: Value = serde_norway::from_str(&read("deploy/crd/hostpathprovisioner.yaml")).unwrap();
+    let version = &crd["spec"]["versions"][0];
+    // Upstream's operator writes status with a plain update: no subresource.
+    assert!(
+        version["subresources"].is_null(),
+        "{}",
+        version["subresources"]
+    );
+    let schema = &version["schema"]["openAPIV3Schema"]["properties"];
+    let status = &schema["status"]["properties"];
+    let mut keys: Vec<&str> = status
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "conditions",
+            "observedVersion",
+            "operatorVersion",
+            "storagePoolStatuses",
+            "targetVersion"
+        ]
+    );
+    assert_eq!(
+        status["conditions"]["items"]["required"],
+        serde_json::json!(["status", "type"])
+    );
+    let pool_status = &status["storagePoolStatuses"]["items"];
+    assert_eq!(
+        pool_status["required"],
+        serde_json::json!(["name", "phase"])
+    );
+    for k in ["desiredReady", "currentReady", "claimStatuses"] {
+        assert!(!pool_status["properties"][k].is_null(), "{k}");
+    }
+    let claim = &pool_status["properties"]["claimStatuses"]["items"];
+    assert_eq!(claim["required"], serde_json::json!(["name", "status"]));
+    assert!(!claim["properties"]["status"]["properties"]["phase"].is_null());
+
+    let pool = &schema["spec"]["properties"]["storagePools"]["items"]["properties"];
+    assert_eq!(pool["overlayClassName"]["type"], "string");
+    let template = &pool["pvcTemplate"]["properties"];
+    for k in [
+        "accessModes",
+        "dataSource",
+        "dataSourceRef",
+        "resources",
+        "selector",
+        "storageClassName",
+        "volumeAttributesClassName",
+        "volumeMode",
+        "volumeName",
+    ] {
+        assert!(!template[k].is_null(), "pvcTemplate.{k} missing");
+    }
 }

@@ -20,7 +20,12 @@ fn invalid_datadir_names_the_field_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let sock = format!("unix://{}/csi.sock", dir.path().display());
     let cases = [
-        (r#"[{"name":"a","path":"relative"}]"#, "--datadir[0].path"),
+        // Relative paths are taken from `/` (as upstream's operator passes
+        // them), so only one that climbs out is refused.
+        (
+            r#"[{"name":"a","path":"../relative"}]"#,
+            "--datadir[0].path",
+        ),
         (
             r#"[{"name":"a","path":"/x"},{"name":"a","path":"/y"}]"#,
             "--datadir[1].name",

@@ -83,9 +83,17 @@ pub struct StoragePool {
     pub pvc_template: Option<PvcTemplate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_provider: Option<String>,
+    /// Name of the Immediate-binding StorageClass upstream makes for a
+    /// shared (ReadWriteMany) pool; `hpp-overlay` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_class_name: Option<String>,
+    /// Fields this version does not know: warned about, never silently dropped.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
-/// The parts of a PersistentVolumeClaimSpec a pool template uses.
+/// A PersistentVolumeClaimSpec, as upstream's pvcTemplate is: every field
+/// is passed on to the pool's claims.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PvcTemplate {
@@ -99,6 +107,19 @@ pub struct PvcTemplate {
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<serde_json::Value>,
+    /// Pre-populates each claim (e.g. from a snapshot), as upstream passes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source_ref: Option<serde_json::Value>,
+    /// Binds the claims to one PV (only sensible for a shared pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_attributes_class_name: Option<String>,
+    /// Fields this version does not know: warned about, never silently dropped.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -238,6 +259,7 @@ impl HostPathProvisioner {
                     ),
                 ));
             }
+            warnings.extend(pool_warnings(pool, &at));
             if let Some(t) = &pool.pvc_template {
                 validate_pvc_template(t, &format!("{at}.pvcTemplate"))?;
             }
@@ -270,6 +292,27 @@ impl HostPathProvisioner {
             })
             .collect()
     }
+}
+
+/// What is accepted but odd in a pool: unknown fields (never dropped
+/// silently), and a volumeName every node's claim would share.
+fn pool_warnings(pool: &StoragePool, at: &str) -> Vec<String> {
+    let mut warnings: Vec<String> = pool
+        .unknown
+        .keys()
+        .map(|key| format!("{at}.{key}: unknown field, ignored"))
+        .collect();
+    if let Some(t) = &pool.pvc_template {
+        warnings.extend(t.unknown.keys().map(|key| {
+            format!("{at}.pvcTemplate.{key}: not a PersistentVolumeClaimSpec field, ignored")
+        }));
+        if t.volume_name.is_some() && !t.is_shared() {
+            warnings.push(format!(
+                "{at}.pvcTemplate.volumeName: every node's claim names the same PersistentVolume, so only one of them can bind"
+            ));
+        }
+    }
+    warnings
 }
 
 fn validate_pvc_template(t: &PvcTemplate, at: &str) -> Result<(), ConfigError> {

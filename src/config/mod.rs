@@ -59,7 +59,29 @@ struct DataDirEntry {
     require_mount: bool,
 }
 
-/// Parses `--datadir`. The first entry is the default pool.
+/// Where the Go driver finds a relative `--datadir` path: it hands the path
+/// to the OS as is, so it is relative to its working directory, which is `/`
+/// in its image; upstream's operator passes `<pool>-data-dir/csi` and mounts
+/// the pool at `/<pool>-data-dir`. Resolved against `/` here, whatever the
+/// working directory.
+pub const RELATIVE_PATH_BASE: &str = "/";
+
+fn resolve_datadir_path(field: &str, path: String) -> String {
+    if path.is_empty() || path.starts_with('/') {
+        return path;
+    }
+    let resolved = format!("{RELATIVE_PATH_BASE}{path}");
+    tracing::info!(
+        field,
+        path,
+        resolved,
+        "relative pool path resolved against /, as the Go driver's image does"
+    );
+    resolved
+}
+
+/// Parses `--datadir`. The first entry is the default pool; relative paths
+/// are resolved against `/` (see [`RELATIVE_PATH_BASE`]).
 pub fn parse_datadir(json: &str) -> Result<Vec<PoolConfig>, ConfigError> {
     let entries: Vec<DataDirEntry> = serde_json::from_str(json)
         .map_err(|e| ConfigError::new("--datadir", format!("not a JSON array of pools: {e}")))?;
@@ -69,11 +91,14 @@ pub fn parse_datadir(json: &str) -> Result<Vec<PoolConfig>, ConfigError> {
     let pools = entries
         .into_iter()
         .map(|e| PoolConfig {
-            name: e.name,
-            path: PathBuf::from(e.path),
+            path: PathBuf::from(resolve_datadir_path("path", e.path)),
             shared: e.shared,
-            snapshot_path: e.snapshot_path.filter(|p| !p.is_empty()).map(PathBuf::from),
+            snapshot_path: e
+                .snapshot_path
+                .filter(|p| !p.is_empty())
+                .map(|p| PathBuf::from(resolve_datadir_path("snapshotPath", p))),
             require_mount: e.require_mount,
+            name: e.name,
         })
         .collect::<Vec<_>>();
     validate_pools(&pools, |i| format!("--datadir[{i}]"))?;
@@ -176,11 +201,27 @@ mod tests {
     }
 
     #[test]
+    fn relative_paths_resolve_against_root_as_upstream_passes_them() {
+        // PV_DIR as upstream's operator builds it (daemonset.go).
+        let pools = parse_datadir(
+            r#"[{"name":"local","path":"local-data-dir/csi","snapshotPath":"local-data-dir/csi/snapshots","snapshotProvider":"reflink","shared":false}]"#,
+        )
+        .unwrap();
+        assert_eq!(pools[0].path, std::path::Path::new("/local-data-dir/csi"));
+        assert_eq!(
+            pools[0].snapshot_path.as_deref(),
+            Some(std::path::Path::new("/local-data-dir/csi/snapshots"))
+        );
+    }
+
+    #[test]
     fn datadir_errors_name_the_entry() {
         let e =
             parse_datadir(r#"[{"name":"a","path":"/a"},{"name":"a","path":"/b"}]"#).unwrap_err();
         assert_eq!(e.field, "--datadir[1].name");
-        let e = parse_datadir(r#"[{"name":"a","path":"rel"}]"#).unwrap_err();
+        let e = parse_datadir(r#"[{"name":"a","path":"../etc"}]"#).unwrap_err();
+        assert_eq!(e.field, "--datadir[0].path");
+        let e = parse_datadir(r#"[{"name":"a","path":""}]"#).unwrap_err();
         assert_eq!(e.field, "--datadir[0].path");
         assert!(parse_datadir("[]").is_err());
         assert!(parse_datadir("{").is_err());

@@ -2,8 +2,10 @@
 //! Kubernetes objects that run it out, as multi-document YAML. The output
 //! depends on nothing but the inputs, so it can be checked into Git.
 
+mod monitoring;
 mod names;
 mod node;
+mod openshift;
 mod pools;
 mod yaml11;
 
@@ -15,7 +17,7 @@ use serde_json::Value;
 use crate::config::cr::{HostPathProvisioner, PvcTemplate, CSI_SUBDIR, LEGACY_POOL};
 use crate::config::ConfigError;
 
-pub use names::object_name;
+pub use names::{object_name, upstream_pool_claim, upstream_shared_claim};
 
 pub const DEFAULT_NAMESPACE: &str = "hostpath-provisioner";
 /// Name of the ServiceAccount, RBAC objects and DaemonSet.
@@ -32,6 +34,17 @@ pub fn default_image() -> String {
     format!("localhost/hostpath-csi:{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// The cluster the install is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Platform {
+    /// Plain Kubernetes: no OpenShift objects.
+    #[default]
+    Kubernetes,
+    /// OpenShift: SecurityContextConstraints and their grants, the
+    /// required-scc annotation, cluster monitoring, driver-labelled snapshots.
+    Openshift,
+}
+
 /// What besides the CR shapes the output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderOptions {
@@ -39,6 +52,18 @@ pub struct RenderOptions {
     pub image: String,
     /// Nodes that get a PVC and a mounter per pvcTemplate pool.
     pub nodes: Vec<String>,
+    pub platform: Platform,
+    /// ServiceMonitor, PrometheusRule and the Prometheus RBAC (they need the
+    /// Prometheus operator's CRDs); always on for OpenShift.
+    pub monitoring: bool,
+    /// Namespace of the `prometheus-k8s` ServiceAccount that scrapes;
+    /// `monitoring` on Kubernetes, `openshift-monitoring` on OpenShift.
+    pub monitoring_namespace: Option<String>,
+    /// Whether the cluster's snapshot-controller runs with
+    /// `--enable-distributed-snapshotting` (it labels each snapshot content
+    /// with its node). When it does not (OpenShift's), the driver pods label
+    /// them. Default: yes on Kubernetes, no on OpenShift.
+    pub distributed_snapshotting: Option<bool>,
 }
 
 impl Default for RenderOptions {
@@ -47,7 +72,34 @@ impl Default for RenderOptions {
             namespace: DEFAULT_NAMESPACE.into(),
             image: default_image(),
             nodes: Vec::new(),
+            platform: Platform::Kubernetes,
+            monitoring: false,
+            monitoring_namespace: None,
+            distributed_snapshotting: None,
         }
+    }
+}
+
+impl RenderOptions {
+    fn openshift(&self) -> bool {
+        self.platform == Platform::Openshift
+    }
+
+    fn monitoring_objects(&self) -> bool {
+        self.monitoring || self.openshift()
+    }
+
+    fn monitoring_namespace(&self) -> String {
+        self.monitoring_namespace
+            .clone()
+            .unwrap_or_else(|| match self.platform {
+                Platform::Kubernetes => "monitoring".into(),
+                Platform::Openshift => "openshift-monitoring".into(),
+            })
+    }
+
+    fn distributed_snapshotting(&self) -> bool {
+        self.distributed_snapshotting.unwrap_or(!self.openshift())
     }
 }
 
@@ -90,6 +142,7 @@ pub(crate) struct Pool<'a> {
     pub csi_path: String,
     pub shared: bool,
     pub snapshot_provider: Option<String>,
+    pub overlay_class_name: Option<String>,
     pub template: Option<&'a PvcTemplate>,
 }
 
@@ -102,6 +155,7 @@ fn pools(cr: &HostPathProvisioner) -> Vec<Pool<'_>> {
             csi_path: csi_path(&pc.path),
             shared: false,
             snapshot_provider: None,
+            overlay_class_name: None,
             template: None,
         }];
     }
@@ -116,6 +170,7 @@ fn pools(cr: &HostPathProvisioner) -> Vec<Pool<'_>> {
             csi_path: csi_path(&p.path),
             shared: p.pvc_template.as_ref().is_some_and(PvcTemplate::is_shared),
             snapshot_provider: p.snapshot_provider.clone(),
+            overlay_class_name: p.overlay_class_name.clone(),
             template: p.pvc_template.as_ref(),
         })
         .collect()
@@ -156,6 +211,14 @@ fn check_options(opts: &RenderOptions) -> Result<(), RenderError> {
             format!("{:?} is not an image reference", opts.image),
         ));
     }
+    if let Some(ns) = &opts.monitoring_namespace {
+        if !names::is_dns_label(ns) {
+            return Err(option_error(
+                "--monitoring-namespace",
+                format!("{ns:?} is not a valid namespace name"),
+            ));
+        }
+    }
     for (i, node) in opts.nodes.iter().enumerate() {
         if !names::is_dns_subdomain(node) {
             return Err(option_error(
@@ -187,8 +250,19 @@ pub fn render(cr: &HostPathProvisioner, opts: &RenderOptions) -> Result<Rendered
             .as_deref()
             .unwrap_or("IfNotPresent"),
         workload: cr.spec.workload.clone().unwrap_or_default(),
+        openshift: opts.openshift(),
+        distributed_snapshotting: opts.distributed_snapshotting(),
+        mounters: pools.iter().any(|p| p.template.is_some()),
     };
     let mut documents = node::install_objects(&ctx, &pools);
+    if ctx.openshift {
+        documents.extend(openshift::objects(&ctx));
+    }
+    documents.push(node::daemon_set(&ctx, &pools));
+    documents.push(monitoring::service(&ctx));
+    if opts.monitoring_objects() {
+        documents.extend(monitoring::objects(&ctx, &opts.monitoring_namespace()));
+    }
     documents.extend(pools::pool_objects(
         &ctx,
         &pools,
@@ -290,6 +364,23 @@ pub struct RenderArgs {
     /// Nodes that get a PVC and a mounter per pvcTemplate pool (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub nodes: Vec<String>,
+    /// The cluster: `openshift` adds SecurityContextConstraints and their
+    /// grants, cluster monitoring and driver-labelled snapshots.
+    #[arg(long, value_enum, default_value_t = Platform::Kubernetes)]
+    pub platform: Platform,
+    /// Also emit ServiceMonitor, PrometheusRule and the Prometheus RBAC
+    /// (needs the Prometheus operator's CRDs; always on for openshift).
+    #[arg(long)]
+    pub monitoring: bool,
+    /// Namespace of the scraping `prometheus-k8s` ServiceAccount
+    /// [default: monitoring; openshift-monitoring for openshift].
+    #[arg(long)]
+    pub monitoring_namespace: Option<String>,
+    /// Whether the snapshot-controller runs with
+    /// --enable-distributed-snapshotting [default: true; false for openshift,
+    /// whose controller does not: the driver pods then label snapshots].
+    #[arg(long)]
+    pub distributed_snapshotting: Option<bool>,
 }
 
 /// Runs `render`: YAML on stdout, warnings on stderr.
@@ -300,6 +391,10 @@ pub fn run(args: RenderArgs) -> Result<(), String> {
         namespace: args.namespace,
         image: args.image.unwrap_or_else(default_image),
         nodes: args.nodes.into_iter().filter(|n| !n.is_empty()).collect(),
+        platform: args.platform,
+        monitoring: args.monitoring,
+        monitoring_namespace: args.monitoring_namespace,
+        distributed_snapshotting: args.distributed_snapshotting,
     };
     let (yaml, warnings) =
         render_yaml(&text, &opts).map_err(|e| format!("{}: {e}", args.cr.display()))?;

@@ -37,6 +37,47 @@ pub fn object_name(parts: &[&str]) -> String {
     name
 }
 
+/// Upstream operator's `getResourceNameWithMaxLength` (util.go): `base-suffix`
+/// when it fits in `max`; otherwise a cut name with an FNV-1a hash, keeping
+/// every character (dots included) as upstream does.
+pub fn upstream_name(base: &str, suffix: &str, max: usize) -> String {
+    let name = format!("{base}-{suffix}");
+    if name.len() <= max {
+        return name;
+    }
+    match max.checked_sub(10 + suffix.len()) {
+        // The suffix alone is too long: a prefix of base and the hash of all.
+        None => {
+            let prefix = &base[..base.len().min(max.saturating_sub(9))];
+            let mut short = format!("{prefix}-{:08x}", fnv1a(&name));
+            short.truncate(max);
+            short
+        }
+        // Upstream hashes the base alone here (its comment says otherwise).
+        Some(keep) => format!(
+            "{}-{:08x}-{suffix}",
+            &base[..keep.min(base.len())],
+            fnv1a(base)
+        ),
+    }
+}
+
+/// The claim (and mounter Deployment) upstream's operator makes for `pool`
+/// on `node`: `hpp-pool-<pool>-<node>`, or `hpp-pool-<hash>` when longer than 63.
+pub fn upstream_pool_claim(pool: &str, node: &str) -> String {
+    upstream_name("hpp-pool", &format!("{pool}-{node}"), MAX_NAME_LEN)
+}
+
+/// The one claim of a shared (ReadWriteMany) pool upstream makes.
+pub fn upstream_shared_claim(pool: &str) -> String {
+    upstream_name("hpp-pool", &format!("{pool}-shared"), MAX_NAME_LEN)
+}
+
+/// The value of upstream's `kubevirt.io.hostpath-provisioner/storagePool` label.
+pub fn upstream_pool_label(pool: &str) -> String {
+    upstream_name(pool, "hpp", MAX_NAME_LEN)
+}
+
 /// A DNS-1123 label (namespace names).
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
@@ -69,6 +110,23 @@ mod tests {
         assert_ne!(a, b);
         assert!(is_dns_label(&a), "{a}");
         assert_eq!(a, object_name(&["hpp-pool", "p", &long]));
+    }
+
+    #[test]
+    fn upstream_names_follow_its_algorithm() {
+        // Upstream's own test fact (daemonset_test.go, hashedLongStoragePoolNameDataDir).
+        let pool = format!("l{}123", "1234567890".repeat(6));
+        assert_eq!(
+            upstream_name(&pool, "data-dir", 63),
+            "l12345678901234567890123456789012345678901234-69d4290d-data-dir"
+        );
+        assert_eq!(upstream_name("local", "data-dir", 63), "local-data-dir");
+        assert_eq!(
+            upstream_pool_claim("local", "node1.example.com"),
+            "hpp-pool-local-node1.example.com"
+        );
+        // max - 9 would cut mid-hash; the result never exceeds max.
+        assert_eq!(upstream_name("b", &"s".repeat(60), 12).len(), 10);
     }
 
     #[test]

@@ -15,12 +15,38 @@ const KUBELET_DIR: &str = "/var/lib/kubelet";
 const SOCKET_DIR: &str = "/csi";
 const SOCKET: &str = "/csi/csi.sock";
 const HEALTH_PORT: u16 = 9898;
+/// Upstream's metrics port with TLS.
+pub(crate) const METRICS_PORT: u16 = 8443;
+/// Pods the metrics Service selects (upstream's label and value).
+pub(crate) const PROMETHEUS_LABEL: &str = "prometheus.hostpathprovisioner.kubevirt.io";
+/// The metrics Service (upstream's name, so the operator's is replaced, not doubled).
+pub(crate) const METRICS_SERVICE: &str = "hpp-prometheus-metrics";
+/// The ServiceAccount of the pvcTemplate pool mounters.
+pub(crate) const MOUNTER_SA: &str = "hostpath-csi-mounter";
+/// OpenShift: the SCC a pod must be admitted under.
+pub(crate) const REQUIRED_SCC_ANNOTATION: &str = "openshift.io/required-scc";
 
 pub(crate) struct Context<'a> {
     pub namespace: &'a str,
     pub image: &'a str,
     pub pull_policy: &'a str,
     pub workload: Workload,
+    pub openshift: bool,
+    /// The snapshot-controller labels snapshot contents with their node.
+    pub distributed_snapshotting: bool,
+    /// Some pool has a pvcTemplate, so there are mounter pods.
+    pub mounters: bool,
+}
+
+/// Requests as upstream's (daemonset.go): each container 10m CPU, 150Mi.
+pub(crate) fn requests(memory: &str) -> Value {
+    json!({"requests": {"cpu": "10m", "memory": memory}})
+}
+
+/// OpenShift admits the pod only under this driver's SCC.
+pub(crate) fn pod_annotations(ctx: &Context<'_>) -> Option<Value> {
+    ctx.openshift
+        .then(|| json!({ REQUIRED_SCC_ANNOTATION: super::openshift::SCC_NAME }))
 }
 
 pub(crate) fn labels(component: &str) -> Value {
@@ -72,8 +98,9 @@ pub(crate) fn datadir_json(pools: &[Pool<'_>]) -> String {
     serde_json::to_string(&entries).expect("pool list serializes")
 }
 
-pub(crate) fn install_objects(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Vec<Value> {
-    vec![
+/// Everything up to the DaemonSet: Namespace, CSIDriver, ServiceAccounts, RBAC.
+pub(crate) fn install_objects(ctx: &Context<'_>, _pools: &[Pool<'_>]) -> Vec<Value> {
+    let mut objects = vec![
         namespace(ctx),
         csi_driver(),
         json!({
@@ -81,6 +108,17 @@ pub(crate) fn install_objects(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Vec<Valu
             "kind": "ServiceAccount",
             "metadata": {"name": APP_NAME, "namespace": ctx.namespace, "labels": labels("rbac")},
         }),
+    ];
+    if ctx.mounters {
+        // Not `default`: the SCC grant names it, and it needs no API token.
+        objects.push(json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": MOUNTER_SA, "namespace": ctx.namespace, "labels": labels("rbac")},
+            "automountServiceAccountToken": false,
+        }));
+    }
+    objects.extend([
         cluster_role(),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -97,12 +135,12 @@ pub(crate) fn install_objects(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Vec<Valu
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": APP_NAME},
             "subjects": [{"kind": "ServiceAccount", "name": APP_NAME, "namespace": ctx.namespace}],
         }),
-        daemon_set(ctx, pools),
-    ]
+    ]);
+    objects
 }
 
 fn namespace(ctx: &Context<'_>) -> Value {
-    json!({
+    let mut ns = json!({
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {
@@ -113,7 +151,13 @@ fn namespace(ctx: &Context<'_>) -> Value {
                 "pod-security.kubernetes.io/enforce": "privileged",
             },
         },
-    })
+    });
+    if ctx.openshift {
+        // The platform Prometheus only reads ServiceMonitors and rules in
+        // namespaces that carry this label (openshift-cnv does).
+        ns["metadata"]["labels"]["openshift.io/cluster-monitoring"] = json!("true");
+    }
+    ns
 }
 
 fn csi_driver() -> Value {
@@ -185,35 +229,47 @@ fn socket_mount() -> Value {
     json!({"name": "socket-dir", "mountPath": SOCKET_DIR})
 }
 
-fn sidecar(ctx: &Context<'_>, name: &str, image: &str, args: &[&str], env: Vec<Value>) -> Value {
+/// A sidecar on the socket. Privileged where upstream (and OpenShift's own
+/// CSI node plugins) make it so: under SELinux an unprivileged container
+/// cannot use the privileged driver's socket or write the registration dir.
+fn sidecar(
+    ctx: &Context<'_>,
+    name: &str,
+    image: &str,
+    args: &[&str],
+    env: Vec<Value>,
+    privileged: bool,
+) -> Value {
     let mut c = json!({
         "name": name,
         "image": image,
         "imagePullPolicy": ctx.pull_policy,
         "args": args,
+        "resources": requests("150Mi"),
         "volumeMounts": [socket_mount()],
     });
     if !env.is_empty() {
         c["env"] = Value::Array(env);
     }
+    if privileged {
+        c["securityContext"] = json!({"privileged": true});
+    }
     c
 }
 
-fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
-    let socket_host_dir = format!("{KUBELET_DIR}/plugins/{DEFAULT_DRIVER_NAME}");
-    let registration_path = format!("--kubelet-registration-path={socket_host_dir}/csi.sock");
-    let csi_address = format!("--csi-address={SOCKET}");
-    let health_port = format!("--health-port={HEALTH_PORT}");
-    let endpoint = format!("unix://{SOCKET}");
-    let datadir = datadir_json(pools);
+fn socket_host_dir() -> String {
+    format!("{KUBELET_DIR}/plugins/{DEFAULT_DRIVER_NAME}")
+}
 
+/// Host volumes of the pod, and the driver's mounts of them.
+fn host_volumes(pools: &[Pool<'_>]) -> (Vec<Value>, Vec<Value>) {
     let mut driver_mounts = vec![
         socket_mount(),
         json!({"name": "kubelet-dir", "mountPath": KUBELET_DIR, "mountPropagation": "Bidirectional"}),
         json!({"name": "dev-dir", "mountPath": "/dev"}),
     ];
     let mut volumes = vec![
-        host_path_volume("socket-dir", &socket_host_dir, "DirectoryOrCreate"),
+        host_path_volume("socket-dir", &socket_host_dir(), "DirectoryOrCreate"),
         host_path_volume(
             "registration-dir",
             &format!("{KUBELET_DIR}/plugins_registry"),
@@ -236,23 +292,38 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
             "DirectoryOrCreate",
         ));
     }
+    (volumes, driver_mounts)
+}
 
-    let driver = json!({
+fn driver_container(ctx: &Context<'_>, pools: &[Pool<'_>], mounts: Vec<Value>) -> Value {
+    json!({
         "name": "hostpath-csi",
         "image": ctx.image,
         "imagePullPolicy": ctx.pull_policy,
         "command": ["hostpath-csi"],
         "args": [
             "serve",
-            "--endpoint", endpoint,
+            "--endpoint", format!("unix://{SOCKET}"),
             "--nodeid", "$(NODE_NAME)",
             "--drivername", DEFAULT_DRIVER_NAME,
-            "--datadir", datadir,
+            "--datadir", datadir_json(pools),
             "--node-only-expansion",
+            // HTTPS on [::]:8443 with a self-signed certificate, as upstream.
+            "--metrics-tls-version=VersionTLS13",
         ],
-        "env": [env_field("NODE_NAME", "spec.nodeName")],
+        "env": [
+            env_field("NODE_NAME", "spec.nodeName"),
+            // The self-signed certificate names the pod and the Service.
+            env_field("POD_IP", "status.podIP"),
+            env_field("POD_NAMESPACE", "metadata.namespace"),
+            {"name": "SERVICE_NAME", "value": METRICS_SERVICE},
+        ],
         "securityContext": {"privileged": true},
-        "ports": [{"name": "healthz", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "resources": requests("150Mi"),
+        "ports": [
+            {"name": "healthz", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": "healthz"},
             "initialDelaySeconds": 10,
@@ -260,23 +331,61 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
             "timeoutSeconds": 3,
             "failureThreshold": 5,
         },
-        "volumeMounts": driver_mounts,
-    });
+        "volumeMounts": mounts,
+    })
+}
 
+/// Snapshots are taken by the node that holds the volume: csi-snapshotter
+/// with --node-deployment only sees contents labelled with its node. The
+/// snapshot-controller sets that label with distributed snapshotting;
+/// where it does not (OpenShift), `hostpath-csi snapshot-labeler` does.
+fn snapshot_containers(ctx: &Context<'_>, csi_address: &str) -> Vec<Value> {
+    let mut containers = vec![sidecar(
+        ctx,
+        "csi-snapshotter",
+        SNAPSHOTTER_IMAGE,
+        &[csi_address, "--node-deployment"],
+        vec![env_field("NODE_NAME", "spec.nodeName")],
+        true,
+    )];
+    if !ctx.distributed_snapshotting {
+        let labeler = json!({
+            "name": "snapshot-labeler",
+            "image": ctx.image,
+            "imagePullPolicy": ctx.pull_policy,
+            "command": ["hostpath-csi"],
+            "args": [
+                "snapshot-labeler",
+                "--endpoint", format!("unix://{SOCKET}"),
+                "--node", "$(NODE_NAME)",
+            ],
+            "env": [env_field("NODE_NAME", "spec.nodeName")],
+            "resources": requests("20Mi"),
+            "securityContext": {"privileged": true},
+            "volumeMounts": [socket_mount()],
+        });
+        containers.push(labeler);
+    }
+    containers
+}
+
+fn sidecars(ctx: &Context<'_>) -> Vec<Value> {
+    let registration_path = format!("--kubelet-registration-path={}/csi.sock", socket_host_dir());
+    let csi_address = format!("--csi-address={SOCKET}");
+    let health_port = format!("--health-port={HEALTH_PORT}");
     let mut registrar = sidecar(
         ctx,
         "node-driver-registrar",
         REGISTRAR_IMAGE,
         &[&csi_address, &registration_path],
         vec![env_field("KUBE_NODE_NAME", "spec.nodeName")],
+        true,
     );
     registrar["volumeMounts"]
         .as_array_mut()
         .expect("mounts are an array")
         .push(json!({"name": "registration-dir", "mountPath": "/registration"}));
-
-    let containers = vec![
-        driver,
+    let mut containers = vec![
         sidecar(
             ctx,
             "csi-provisioner",
@@ -296,6 +405,7 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
                 env_field("NAMESPACE", "metadata.namespace"),
                 env_field("POD_NAME", "metadata.name"),
             ],
+            true,
         ),
         registrar,
         sidecar(
@@ -304,6 +414,7 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
             LIVENESSPROBE_IMAGE,
             &[&csi_address, &health_port],
             vec![],
+            false,
         ),
         // The resizer has no per-node mode: one leader serves the cluster.
         sidecar(
@@ -316,18 +427,17 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
                 "--leader-election-namespace=$(NAMESPACE)",
             ],
             vec![env_field("NAMESPACE", "metadata.namespace")],
-        ),
-        // Per-node snapshots need the snapshot-controller's
-        // --enable-distributed-snapshotting.
-        sidecar(
-            ctx,
-            "csi-snapshotter",
-            SNAPSHOTTER_IMAGE,
-            &[&csi_address, "--node-deployment"],
-            vec![env_field("NODE_NAME", "spec.nodeName")],
+            true,
         ),
     ];
+    containers.extend(snapshot_containers(ctx, &csi_address));
+    containers
+}
 
+pub(crate) fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
+    let (volumes, driver_mounts) = host_volumes(pools);
+    let mut containers = vec![driver_container(ctx, pools, driver_mounts)];
+    containers.extend(sidecars(ctx));
     let selector = json!({
         "app.kubernetes.io/name": APP_NAME,
         "app.kubernetes.io/component": "node-plugin",
@@ -339,6 +449,12 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
         "volumes": volumes,
     });
     place(&mut pod, &ctx.workload);
+    let mut pod_labels = labels("node-plugin");
+    pod_labels[PROMETHEUS_LABEL] = json!("true");
+    let mut pod_meta = json!({"labels": pod_labels});
+    if let Some(a) = pod_annotations(ctx) {
+        pod_meta["annotations"] = a;
+    }
     json!({
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -347,7 +463,7 @@ fn daemon_set(ctx: &Context<'_>, pools: &[Pool<'_>]) -> Value {
             "selector": {"matchLabels": selector},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "template": {
-                "metadata": {"labels": labels("node-plugin")},
+                "metadata": pod_meta,
                 "spec": pod,
             },
         },

@@ -3,8 +3,12 @@
 
 use serde_json::{json, Value};
 
-use super::names::object_name;
-use super::node::{host_path_volume, labels, place, Context};
+use super::names::{
+    is_dns_subdomain, object_name, upstream_pool_claim, upstream_pool_label, upstream_shared_claim,
+};
+use super::node::{
+    host_path_volume, labels, place, pod_annotations, requests, Context, MOUNTER_SA,
+};
 use super::{Pool, RenderError, APP_NAME};
 use crate::config::cr::{PvcTemplate, Workload};
 use crate::config::ConfigError;
@@ -17,6 +21,25 @@ const NODE_ANNOTATION: &str = "hostpath.csi/node";
 const HOST_ROOT: &str = "/host";
 const BLOCK_SOURCE: &str = "/dev/data";
 const DIR_SOURCE: &str = "/source";
+/// Upstream's label on pool claims (its status reads claims by it).
+const POOL_LABEL: &str = "kubevirt.io.hostpath-provisioner/storagePool";
+/// Upstream's StorageClass for a shared pool when overlayClassName is unset.
+const DEFAULT_OVERLAY_CLASS: &str = "hpp-overlay";
+
+/// The claim upstream's operator made, so migration reuses the pool disk
+/// that holds the data. A name the API server would refuse (a pool name
+/// with `_` or capitals) upstream could never have made: then a sanitized
+/// name, with a warning.
+fn claim_name(upstream: String, parts: &[&str], at: &str, warnings: &mut Vec<String>) -> String {
+    if is_dns_subdomain(&upstream) {
+        return upstream;
+    }
+    let fallback = object_name(parts);
+    warnings.push(format!(
+        "{at}: {upstream:?} is not a valid object name, so the claim is named {fallback:?} (upstream's operator could not have made one for this pool)"
+    ));
+    fallback
+}
 
 pub(crate) fn storage_class_name(pool: &str) -> String {
     object_name(&[APP_NAME, pool])
@@ -53,17 +76,31 @@ pub(crate) fn pool_objects(
                 pool.at, pool.name
             ));
         }
-        if pool.shared && !nodes.is_empty() {
-            let claim = object_name(&["hpp-pool", &pool.name, "shared"]);
-            out.push(claim_object(ctx, pool, template, &claim, None));
+        let shared_claim = pool.shared.then(|| {
+            claim_name(
+                upstream_shared_claim(&pool.name),
+                &["hpp-pool", &pool.name, "shared"],
+                &pool.at,
+                warnings,
+            )
+        });
+        if let (Some(claim), false) = (&shared_claim, nodes.is_empty()) {
+            out.push(claim_object(ctx, pool, template, claim, None));
+            out.push(overlay_class(pool));
         }
         for node in nodes {
-            let name = object_name(&["hpp-pool", &pool.name, node]);
-            let claim = if pool.shared {
-                object_name(&["hpp-pool", &pool.name, "shared"])
-            } else {
-                out.push(claim_object(ctx, pool, template, &name, Some(node)));
-                name.clone()
+            let name = claim_name(
+                upstream_pool_claim(&pool.name, node),
+                &["hpp-pool", &pool.name, node],
+                &pool.at,
+                warnings,
+            );
+            let claim = match &shared_claim {
+                Some(shared) => shared.clone(),
+                None => {
+                    out.push(claim_object(ctx, pool, template, &name, Some(node)));
+                    name.clone()
+                }
             };
             out.push(mounter(ctx, pool, template, &name, &claim, node));
         }
@@ -96,6 +133,28 @@ fn storage_class(pool: &Pool<'_>, name: &str) -> Value {
     })
 }
 
+/// The Immediate-binding class upstream makes for a shared pool: its
+/// volumes are on every node, so they need no topology.
+fn overlay_class(pool: &Pool<'_>) -> Value {
+    let name = pool
+        .overlay_class_name
+        .as_deref()
+        .unwrap_or(DEFAULT_OVERLAY_CLASS);
+    json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": name,
+            "labels": labels("storage-class"),
+            "annotations": annotations(pool, None),
+        },
+        "provisioner": DEFAULT_DRIVER_NAME,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+        "parameters": {"storagePool": pool.name, "overlayCSI": "true"},
+    })
+}
+
 fn claim_object(
     ctx: &Context<'_>,
     pool: &Pool<'_>,
@@ -114,13 +173,31 @@ fn claim_object(
     if let Some(selector) = &t.selector {
         spec["selector"] = selector.clone();
     }
+    // Passed on as upstream does: the whole template is the claim's spec.
+    if let Some(v) = &t.data_source {
+        spec["dataSource"] = v.clone();
+    }
+    if let Some(v) = &t.data_source_ref {
+        spec["dataSourceRef"] = v.clone();
+    }
+    if let Some(v) = &t.volume_name {
+        spec["volumeName"] = json!(v);
+    }
+    if let Some(v) = &t.volume_attributes_class_name {
+        spec["volumeAttributesClassName"] = json!(v);
+    }
+    let mut claim_labels = labels("pool-storage");
+    // Upstream's labels: its status lists a pool's claims by these, so after
+    // a rollback to the operator it finds (and reuses) them.
+    claim_labels[POOL_LABEL] = json!(upstream_pool_label(&pool.name));
+    claim_labels["k8s-app"] = json!("hostpath-provisioner");
     json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {
             "name": name,
             "namespace": ctx.namespace,
-            "labels": labels("pool-storage"),
+            "labels": claim_labels,
             "annotations": annotations(pool, node),
         },
         "spec": spec,
@@ -154,6 +231,16 @@ fn pin_to_node(workload: &Workload, node: &str) -> Value {
     affinity
 }
 
+fn pod_meta_annotations(ctx: &Context<'_>, pool: &Pool<'_>, node: &str) -> Value {
+    let mut a = annotations(pool, Some(node));
+    if let Some(Value::Object(scc)) = pod_annotations(ctx) {
+        a.as_object_mut()
+            .expect("annotations are a map")
+            .extend(scc);
+    }
+    a
+}
+
 fn mounter(
     ctx: &Context<'_>,
     pool: &Pool<'_>,
@@ -176,7 +263,7 @@ fn mounter(
             "--host-root", HOST_ROOT,
             "--watch",
         ],
-        "securityContext": {"privileged": true},
+        "securityContext": {"privileged": true, "runAsUser": 0},
         "lifecycle": {
             // Refused (and so harmless) while volumes of the pool are published.
             "preStop": {"exec": {"command": [
@@ -185,7 +272,7 @@ fn mounter(
                 "--host-root", HOST_ROOT,
             ]}},
         },
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+        "resources": requests("100Mi"),
         "volumeMounts": [
             {"name": "host-root", "mountPath": HOST_ROOT, "mountPropagation": "Bidirectional"},
         ],
@@ -199,6 +286,7 @@ fn mounter(
             .push(json!({"name": "data", "mountPath": DIR_SOURCE}));
     }
     let mut pod = json!({
+        "serviceAccountName": MOUNTER_SA,
         "automountServiceAccountToken": false,
         "containers": [container],
         "volumes": [
@@ -229,7 +317,7 @@ fn mounter(
                 "app.kubernetes.io/instance": name,
             }},
             "template": {
-                "metadata": {"labels": pod_labels, "annotations": annotations(pool, Some(node))},
+                "metadata": {"labels": pod_labels, "annotations": pod_meta_annotations(ctx, pool, node)},
                 "spec": pod,
             },
         },

@@ -1,10 +1,15 @@
 //! Prometheus metrics: pool figures, volume counts and RPC latency.
 
+pub mod tls;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::Bytes;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,6 +17,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::volume::{Core, VolumeMode};
+
+pub use tls::{CertSource, MinTlsVersion, TlsError, TlsSettings};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -179,46 +186,107 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` over HTTP until the process ends.
-pub async fn serve(
-    addr: std::net::SocketAddr,
+/// Where and how the endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// HTTPS with these settings; plain HTTP when `None`.
+    pub tls: Option<TlsSettings>,
+}
+
+/// Why the endpoint stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot accept a connection: {0}")]
+    Accept(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Binds `addr`; an unspecified IPv6 address (Go's `:8443`, every address)
+/// falls back to IPv4 on nodes without IPv6.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            tracing::info!(%addr, error = %e, "no IPv6 here; listening on IPv4 only");
+            tokio::net::TcpListener::bind(v4)
+                .await
+                .map_err(|source| MetricsError::Bind { addr: v4, source })
+        }
+        Err(source) => Err(MetricsError::Bind { addr, source }),
+    }
+}
+
+async fn respond(
+    req: hyper::Request<hyper::body::Incoming>,
     metrics: Arc<Metrics>,
     core: Arc<Core>,
-) -> std::io::Result<()> {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    let response = if req.uri().path() == "/metrics" {
+        let text = tokio::task::spawn_blocking(move || metrics.render(&core))
+            .await
+            .unwrap_or_default();
+        hyper::Response::builder()
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(text)))
+    } else {
+        hyper::Response::builder()
+            .status(404)
+            .body(Full::new(Bytes::from_static(b"not found\n")))
+    };
+    Ok(response.expect("static response parts"))
+}
 
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving metrics");
+/// Serves one connection (plain or already TLS-wrapped) with HTTP/1.1.
+async fn serve_connection<S>(stream: S, metrics: Arc<Metrics>, core: Arc<Core>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |req| respond(req, metrics.clone(), core.clone()));
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(error = %e, "metrics connection ended");
+    }
+}
+
+/// A client that never finishes its handshake does not hold a task forever.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `/metrics` over HTTP or HTTPS until the process ends.
+pub async fn serve(
+    endpoint: Endpoint,
+    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+) -> Result<(), MetricsError> {
+    let acceptor = match &endpoint.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.server_config()?)),
+        None => None,
+    };
+    let listener = bind(endpoint.addr).await?;
+    let local = listener.local_addr().unwrap_or(endpoint.addr);
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %local, scheme, "serving metrics");
     loop {
-        let (stream, _) = listener.accept().await?;
-        let (metrics, core) = (metrics.clone(), core.clone());
+        let (stream, peer) = listener.accept().await.map_err(MetricsError::Accept)?;
+        let (metrics, core, acceptor) = (metrics.clone(), core.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (metrics, core) = (metrics.clone(), core.clone());
-                async move {
-                    let response = if req.uri().path() == "/metrics" {
-                        let text = tokio::task::spawn_blocking(move || metrics.render(&core))
-                            .await
-                            .unwrap_or_default();
-                        hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(Bytes::from(text)))
-                    } else {
-                        hyper::Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(b"not found\n")))
-                    };
-                    Ok::<_, std::convert::Infallible>(response.expect("static response parts"))
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended");
+            let Some(acceptor) = acceptor else {
+                return serve_connection(stream, metrics, core).await;
+            };
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(tls, metrics, core).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "metrics TLS handshake timed out"),
             }
         });
     }
