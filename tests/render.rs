@@ -478,8 +478,19 @@ fn the_install_has_every_object_in_order() {
             "podInfoOnMount": true,
             "storageCapacity": true,
             "fsGroupPolicy": "File",
-            "volumeLifecycleModes": ["Persistent", "Ephemeral"],
+            "volumeLifecycleModes": ["Persistent"],
         })
+    );
+    // Inline ephemeral volumes only when asked: pod authors size them.
+    let opts = RenderOptions {
+        ephemeral: true,
+        ..golden_opts()
+    };
+    let (with, _) = render_docs(&read("deploy/examples/hpp-pvc-template-pool.yaml"), &opts);
+    assert_eq!(
+        find(&with, "CSIDriver", "kubevirt.io.hostpath-provisioner")["spec"]
+            ["volumeLifecycleModes"],
+        serde_json::json!(["Persistent", "Ephemeral"])
     );
     let sc = find(&docs, "StorageClass", "hostpath-csi-my-storage-pool");
     assert_eq!(sc["provisioner"], "kubevirt.io.hostpath-provisioner");

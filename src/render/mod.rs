@@ -64,6 +64,9 @@ pub struct RenderOptions {
     /// with its node). When it does not (OpenShift's), the driver pods label
     /// them. Default: yes on Kubernetes, no on OpenShift.
     pub distributed_snapshotting: Option<bool>,
+    /// Offer CSI inline ephemeral volumes (pod authors size them; the driver
+    /// caps and enforces their size). Off unless asked.
+    pub ephemeral: bool,
 }
 
 impl Default for RenderOptions {
@@ -76,6 +79,7 @@ impl Default for RenderOptions {
             monitoring: false,
             monitoring_namespace: None,
             distributed_snapshotting: None,
+            ephemeral: false,
         }
     }
 }
@@ -253,6 +257,7 @@ pub fn render(cr: &HostPathProvisioner, opts: &RenderOptions) -> Result<Rendered
         openshift: opts.openshift(),
         distributed_snapshotting: opts.distributed_snapshotting(),
         mounters: pools.iter().any(|p| p.template.is_some()),
+        ephemeral: opts.ephemeral,
     };
     let mut documents = node::install_objects(&ctx, &pools);
     if ctx.openshift {
@@ -381,12 +386,33 @@ pub struct RenderArgs {
     /// whose controller does not: the driver pods then label snapshots].
     #[arg(long)]
     pub distributed_snapshotting: Option<bool>,
+    /// Offer CSI inline ephemeral volumes (`csi:` volumes in pod specs).
+    /// Pod authors size them, so the driver caps them
+    /// (`serve --max-ephemeral-size`); off unless asked.
+    #[arg(long)]
+    pub ephemeral: bool,
+}
+
+/// Why `render` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot read --cr {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Render { path: PathBuf, source: RenderError },
+    #[error("cannot write to stdout: {0}")]
+    Write(std::io::Error),
 }
 
 /// Runs `render`: YAML on stdout, warnings on stderr.
-pub fn run(args: RenderArgs) -> Result<(), String> {
-    let text = std::fs::read_to_string(&args.cr)
-        .map_err(|e| format!("cannot read --cr {}: {e}", args.cr.display()))?;
+pub fn run(args: RenderArgs) -> Result<(), RunError> {
+    let text = std::fs::read_to_string(&args.cr).map_err(|source| RunError::Read {
+        path: args.cr.clone(),
+        source,
+    })?;
     let opts = RenderOptions {
         namespace: args.namespace,
         image: args.image.unwrap_or_else(default_image),
@@ -395,14 +421,17 @@ pub fn run(args: RenderArgs) -> Result<(), String> {
         monitoring: args.monitoring,
         monitoring_namespace: args.monitoring_namespace,
         distributed_snapshotting: args.distributed_snapshotting,
+        ephemeral: args.ephemeral,
     };
-    let (yaml, warnings) =
-        render_yaml(&text, &opts).map_err(|e| format!("{}: {e}", args.cr.display()))?;
+    let (yaml, warnings) = render_yaml(&text, &opts).map_err(|source| RunError::Render {
+        path: args.cr.clone(),
+        source,
+    })?;
     for w in warnings {
         eprintln!("warning: {}: {w}", args.cr.display());
     }
     use std::io::Write;
     std::io::stdout()
         .write_all(yaml.as_bytes())
-        .map_err(|e| format!("cannot write to stdout: {e}"))
+        .map_err(RunError::Write)
 }

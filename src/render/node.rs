@@ -36,6 +36,8 @@ pub(crate) struct Context<'a> {
     pub distributed_snapshotting: bool,
     /// Some pool has a pvcTemplate, so there are mounter pods.
     pub mounters: bool,
+    /// The CSIDriver offers inline ephemeral volumes.
+    pub ephemeral: bool,
 }
 
 /// Requests as upstream's (daemonset.go): each container 10m CPU, 150Mi.
@@ -102,7 +104,7 @@ pub(crate) fn datadir_json(pools: &[Pool<'_>]) -> String {
 pub(crate) fn install_objects(ctx: &Context<'_>, _pools: &[Pool<'_>]) -> Vec<Value> {
     let mut objects = vec![
         namespace(ctx),
-        csi_driver(),
+        csi_driver(ctx.ephemeral),
         json!({
             "apiVersion": "v1",
             "kind": "ServiceAccount",
@@ -160,7 +162,13 @@ fn namespace(ctx: &Context<'_>) -> Value {
     ns
 }
 
-fn csi_driver() -> Value {
+fn csi_driver(ephemeral: bool) -> Value {
+    // Inline ephemeral volumes are sized by pod authors: only when asked.
+    let modes: &[&str] = if ephemeral {
+        &["Persistent", "Ephemeral"]
+    } else {
+        &["Persistent"]
+    };
     json!({
         "apiVersion": "storage.k8s.io/v1",
         "kind": "CSIDriver",
@@ -170,7 +178,7 @@ fn csi_driver() -> Value {
             "podInfoOnMount": true,
             "storageCapacity": true,
             "fsGroupPolicy": "File",
-            "volumeLifecycleModes": ["Persistent", "Ephemeral"],
+            "volumeLifecycleModes": modes,
         },
     })
 }
