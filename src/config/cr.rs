@@ -226,7 +226,7 @@ impl HostPathProvisioner {
             }
             (Some(pc), true) => {
                 validate_pool_path(&pc.path)
-                    .map_err(|m| ConfigError::new("spec.pathConfig.path", m))?;
+                    .map_err(|m| ConfigError::new("spec.pathConfig.path", m.to_string()))?;
                 warnings.push("spec.pathConfig is deprecated; use spec.storagePools".into());
             }
             (None, false) => {}
@@ -234,9 +234,9 @@ impl HostPathProvisioner {
         for (i, pool) in spec.storage_pools.iter().enumerate() {
             let at = format!("spec.storagePools[{i}]");
             validate_pool_name(&pool.name)
-                .map_err(|m| ConfigError::new(format!("{at}.name"), m))?;
+                .map_err(|m| ConfigError::new(format!("{at}.name"), m.to_string()))?;
             validate_pool_path(&pool.path)
-                .map_err(|m| ConfigError::new(format!("{at}.path"), m))?;
+                .map_err(|m| ConfigError::new(format!("{at}.path"), m.to_string()))?;
             let earlier = &spec.storage_pools[..i];
             if let Some(j) = earlier.iter().position(|p| p.name == pool.name) {
                 return Err(ConfigError::new(

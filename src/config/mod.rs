@@ -112,9 +112,9 @@ pub fn validate_pools(
 ) -> Result<(), ConfigError> {
     for (i, pool) in pools.iter().enumerate() {
         validate_pool_name(&pool.name)
-            .map_err(|m| ConfigError::new(format!("{}.name", at(i)), m))?;
+            .map_err(|m| ConfigError::new(format!("{}.name", at(i)), m.to_string()))?;
         validate_pool_path(&pool.path.to_string_lossy())
-            .map_err(|m| ConfigError::new(format!("{}.path", at(i)), m))?;
+            .map_err(|m| ConfigError::new(format!("{}.path", at(i)), m.to_string()))?;
         if let Some(j) = pools[..i].iter().position(|p| p.name == pool.name) {
             return Err(ConfigError::new(
                 format!("{}.name", at(i)),
@@ -131,50 +131,61 @@ pub fn validate_pools(
     Ok(())
 }
 
+/// What is wrong with a pool's name or path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldProblem {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0} characters is longer than {1}")]
+    TooLong(usize, usize),
+    #[error("{0:?} may only hold ASCII letters, digits, '-', '_' and '.'")]
+    BadCharacters(String),
+    #[error("{0:?} is not an absolute path")]
+    NotAbsolute(String),
+    #[error("must not be the root directory")]
+    Root,
+    #[error("contains a NUL byte")]
+    Nul,
+    #[error("{0:?} must not contain '..'")]
+    DotDot(String),
+}
+
 /// A pool name must be usable as a StorageClass parameter and in object names.
-pub fn validate_pool_name(name: &str) -> Result<(), String> {
+pub fn validate_pool_name(name: &str) -> Result<(), FieldProblem> {
     if name.is_empty() {
-        return Err("must not be empty".into());
+        return Err(FieldProblem::Empty);
     }
     if name.len() > MAX_POOL_NAME_LEN {
-        return Err(format!(
-            "{} characters is longer than {MAX_POOL_NAME_LEN}",
-            name.len()
-        ));
+        return Err(FieldProblem::TooLong(name.len(), MAX_POOL_NAME_LEN));
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        return Err(format!(
-            "{name:?} may only hold ASCII letters, digits, '-', '_' and '.'"
-        ));
+        return Err(FieldProblem::BadCharacters(name.to_owned()));
     }
     Ok(())
 }
 
 /// A pool path must be absolute, not `/`, and at most 255 characters.
-pub fn validate_pool_path(path: &str) -> Result<(), String> {
+pub fn validate_pool_path(path: &str) -> Result<(), FieldProblem> {
     if path.is_empty() {
-        return Err("must not be empty".into());
+        return Err(FieldProblem::Empty);
     }
     if path.len() > MAX_POOL_PATH_LEN {
-        return Err(format!(
-            "{} characters is longer than {MAX_POOL_PATH_LEN}",
-            path.len()
-        ));
+        return Err(FieldProblem::TooLong(path.len(), MAX_POOL_PATH_LEN));
     }
     if !path.starts_with('/') {
-        return Err(format!("{path:?} is not an absolute path"));
+        return Err(FieldProblem::NotAbsolute(path.to_owned()));
     }
     if path.trim_end_matches('/').is_empty() {
-        return Err("must not be the root directory".into());
+        return Err(FieldProblem::Root);
     }
     if path.contains('\0') {
-        return Err("contains a NUL byte".into());
+        return Err(FieldProblem::Nul);
     }
     if path.split('/').any(|c| c == "..") {
-        return Err(format!("{path:?} must not contain '..'"));
+        return Err(FieldProblem::DotDot(path.to_owned()));
     }
     Ok(())
 }
