@@ -724,14 +724,18 @@ pub fn make_deep(root: &Path, depth: usize) {
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode as Perm;
     use std::os::fd::{AsFd, OwnedFd};
-    let mut fd: OwnedFd =
-        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut fd: OwnedFd = nix::fcntl::open(
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .unwrap();
     for _ in 0..depth {
         nix::sys::stat::mkdirat(fd.as_fd(), "d", Perm::from_bits_truncate(0o755)).unwrap();
         fd = nix::fcntl::openat(
             fd.as_fd(),
             "d",
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             Perm::empty(),
         )
         .unwrap();
@@ -739,7 +743,7 @@ pub fn make_deep(root: &Path, depth: usize) {
     let f = nix::fcntl::openat(
         fd.as_fd(),
         "leaf",
-        OFlag::O_CREAT | OFlag::O_WRONLY,
+        OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
         Perm::from_bits_truncate(0o644),
     )
     .unwrap();
@@ -751,19 +755,29 @@ pub fn depth_of(root: &Path) -> usize {
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode as Perm;
     use std::os::fd::{AsFd, OwnedFd};
-    let mut fd: OwnedFd =
-        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut fd: OwnedFd = nix::fcntl::open(
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .unwrap();
     let mut depth = 0;
     while let Ok(next) = nix::fcntl::openat(
         fd.as_fd(),
         "d",
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Perm::empty(),
     ) {
         fd = next;
         depth += 1;
     }
-    let leaf = nix::fcntl::openat(fd.as_fd(), "leaf", OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let leaf = nix::fcntl::openat(
+        fd.as_fd(),
+        "leaf",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .unwrap();
     let mut buf = [0u8; 16];
     let n = nix::unistd::read(&leaf, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"bottom");
