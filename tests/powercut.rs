@@ -340,6 +340,31 @@ async fn check_after_storm(rig: &mut Rig, round: usize, acked: &BTreeMap<String,
     }
 }
 
+/// A thread that cuts the power on both filesystems as soon as
+/// `CUT_AFTER` storm RPCs have answered (no async latency).
+fn cut_when_answered(
+    rig: &Rig,
+    out: &Arc<Outcomes>,
+    cut: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (out, cut) = (out.clone(), cut.clone());
+    let pool = rig.pool_fs.mount_point.clone();
+    let snaps = rig.snap_fs.mount_point.clone();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + RPC_BOUND;
+        while out.answered.load(Ordering::SeqCst) < CUT_AFTER {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the storm never got going"
+            );
+            std::thread::yield_now();
+        }
+        cut.store(true, Ordering::SeqCst);
+        LoopFs::cut(&pool);
+        LoopFs::cut(&snaps);
+    })
+}
+
 /// The power is cut while expands, creates and snapshots are in flight:
 /// nothing acknowledged is lost, and no volume that existed is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,15 +386,12 @@ async fn power_cut_mid_storm_loses_nothing_acknowledged() {
             Arc::new(Outcomes::default()),
             Arc::new(AtomicBool::new(false)),
         );
+        let cutter = cut_when_answered(&rig, &out, &cut);
         let tasks = start_storm(&rig.d.c, round, &out, &cut);
-        let answered = || out.answered.load(Ordering::SeqCst) >= CUT_AFTER;
-        eventually("the storm is under way", RPC_BOUND, answered, String::new).await;
-        cut.store(true, Ordering::SeqCst);
-        rig.snap_fs.shutdown();
-        rig.pool_fs.shutdown();
         for t in tasks {
             let _ = bounded("a storm RPC after the cut", RPC_BOUND, t).await;
         }
+        cutter.join().unwrap();
         rig.recover().await;
         let acked = out.acked.lock().unwrap().clone();
         check_after_storm(&mut rig, round, &acked).await;

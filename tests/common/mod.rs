@@ -200,19 +200,51 @@ impl LoopFs {
         assert!(ok, "xfs_io shutdown {} failed", self.mount_point.display());
     }
 
+    /// The same cut as `shutdown`, by the ioctl `xfs_io` issues
+    /// (XFS_IOC_GOINGDOWN, no log flush): no process start, so a thread
+    /// can cut at a precise moment.
+    pub fn cut(mount_point: &Path) {
+        nix::ioctl_read!(xfs_goingdown, b'X', 125, u32);
+        let dir = std::fs::File::open(mount_point).unwrap();
+        // XFS_FSOP_GOING_FLAGS_NOLOGFLUSH
+        let mut flags: u32 = 2;
+        // SAFETY: the ioctl reads one u32 from a valid pointer.
+        unsafe { xfs_goingdown(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut flags) }
+            .unwrap_or_else(|e| panic!("XFS_IOC_GOINGDOWN {}: {e}", mount_point.display()));
+    }
+
     /// Unmounts and mounts the filesystem again (log recovery after a
     /// shutdown). Nothing may hold it open.
     pub fn remount(&self) {
-        cleanup_kernel_state(&self.mount_point);
-        let mut unmounted = false;
+        // What is mounted below it and loop devices on its files go first;
+        // the filesystem itself must really be unmounted (not detached
+        // lazily) for log recovery to run on the next mount.
+        let mut below: Vec<PathBuf> = mounts_under(&self.mount_point)
+            .into_iter()
+            .filter(|p| p != &self.mount_point)
+            .collect();
+        below.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in below {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for dev in hostpath_csi::block::list_attached() {
+            if dev.backing_file.starts_with(&self.mount_point) {
+                let _ = Command::new("losetup").arg("-d").arg(&dev.path).status();
+            }
+        }
+        let mut last = Ok(());
         for _ in 0..100 {
-            if nix::mount::umount(&self.mount_point).is_ok() {
-                unmounted = true;
+            last = nix::mount::umount(&self.mount_point);
+            if last.is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(unmounted, "cannot unmount {}", self.mount_point.display());
+        assert!(
+            last.is_ok(),
+            "cannot unmount {}: {last:?}",
+            self.mount_point.display()
+        );
         let ok = Command::new("mount")
             .arg(&self.device)
             .arg(&self.mount_point)
