@@ -127,7 +127,7 @@ async fn acknowledged_expand_and_modify_survive_a_power_cut() {
     assert_eq!(head_digest(&rig.file("blk")), want, "blk's data changed");
 }
 
-/// Snapshots acknowledged just before the cut, kept on a separate
+/// Snapshots and a group snapshot acknowledged just before the cut, kept on a separate
 /// `snapshotPath` filesystem (which a `syncfs` of the pool does not cover),
 /// are listed and restore to the right bytes.
 #[tokio::test]
@@ -143,12 +143,30 @@ async fn acknowledged_snapshots_on_a_separate_filesystem_survive_a_power_cut() {
     let tree_before = fingerprint_rel(&rig.file("tree"));
     snapshot_ok(&mut rig.d.c, "s-blk", "blk").await;
     snapshot_ok(&mut rig.d.c, "s-tree", "tree").await;
+    let group = CreateVolumeGroupSnapshotRequest {
+        name: "g".into(),
+        source_volume_ids: vec!["blk".into(), "tree".into()],
+        ..Default::default()
+    };
+    let g = rig.d.c.group.create_volume_group_snapshot(group).await;
+    let g = g.unwrap().into_inner().group_snapshot.unwrap();
+    let members: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     rig.power_cut().await;
 
     let c = &mut rig.d.c.clone();
     let mut snaps = listed_snapshot_ids(c).await;
     snaps.sort();
-    assert_eq!(snaps, ["s-blk", "s-tree"], "snapshots after the cut");
+    let mut want = vec!["s-blk".to_owned(), "s-tree".to_owned()];
+    want.extend(members.iter().cloned());
+    want.sort();
+    assert_eq!(snaps, want, "snapshots after the cut");
+    let get = GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: g.group_snapshot_id.clone(),
+        snapshot_ids: members,
+        ..Default::default()
+    };
+    let r = c.group.get_volume_group_snapshot(get).await;
+    assert!(r.is_ok(), "the acknowledged group snapshot is gone: {r:?}");
     create_ok(c, restore_of(block_volume("r-blk", 64 * MIB), "s-blk")).await;
     create_ok(c, restore_of(dir_volume("r-tree", 256 * MIB), "s-tree")).await;
     assert_eq!(file_digest(&rig.file("r-blk")), blk, "restored block data");
