@@ -91,7 +91,8 @@ async fn unpublish_leaves_a_foreign_file_or_directory_alone() {
     let r = unpublish(&mut d, "a", &file).await;
     assert_eq!(
         fs::read(&file).ok().as_deref(),
-        Some(&b"someone's file"[..])
+        Some(&b"someone's file"[..]),
+        "the file at the target was changed or deleted"
     );
     r.unwrap();
 
@@ -211,7 +212,8 @@ async fn block_publish_onto_a_file_with_content_is_refused() {
     let r = unpublish(&mut d, "blk", &target).await;
     assert_eq!(
         fs::read(&target).ok().as_deref(),
-        Some(&b"someone's data"[..])
+        Some(&b"someone's data"[..]),
+        "the file at the target was changed or deleted"
     );
     r.unwrap();
 }
