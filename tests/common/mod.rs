@@ -1177,7 +1177,8 @@ pub async fn eventually_removed(d: &Driver, id: &str) {
 
 // ------------------------------------------------------------ file contents
 
-/// Writes `len` bytes derived from `seed` (every 4 KiB block differs) and fsyncs.
+/// Writes `len` bytes derived from `seed` and the offset (no two 8-byte
+/// words of a file, or of two seeds, alike) and fsyncs.
 pub fn write_pattern(path: &Path, len: u64, seed: u64) {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
@@ -1186,21 +1187,23 @@ pub fn write_pattern(path: &Path, len: u64, seed: u64) {
         .write(true)
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let mut block = vec![0u8; 4096];
+    let mut buf = vec![0u8; 1 << 20];
+    let salt = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut written = 0;
     while written < len {
-        let n = (len - written).min(4096) as usize;
-        let tag = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (written / 4096);
-        for (i, b) in block[..n].iter_mut().enumerate() {
-            *b = (tag >> ((i % 8) * 8)) as u8 ^ (i as u8);
+        let n = (len - written).min(buf.len() as u64) as usize;
+        for (k, word) in buf[..n].chunks_mut(8).enumerate() {
+            let v = (salt ^ (written + 8 * k as u64)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            word.copy_from_slice(&v.to_le_bytes()[..word.len()]);
         }
-        f.write_all(&block[..n]).unwrap();
+        f.write_all(&buf[..n]).unwrap();
         written += n as u64;
     }
     f.sync_all().unwrap();
 }
 
-/// FNV-1a of a file's bytes, and its length: equal content, equal digest.
+/// A digest of a file's bytes (FNV-1a over 8-byte words), and its length:
+/// equal content, equal digest.
 pub fn file_digest(path: &Path) -> (u64, u64) {
     use std::io::Read;
     let mut f =
@@ -1208,14 +1211,23 @@ pub fn file_digest(path: &Path) -> (u64, u64) {
     let (mut h, mut len) = (0xcbf2_9ce4_8422_2325u64, 0u64);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return (h, len);
+        // Fill the buffer fully, so words never straddle two reads.
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                k => n += k,
+            }
         }
-        for b in &buf[..n] {
-            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        for chunk in buf[..n].chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x100_0000_01b3);
         }
         len += n as u64;
+        if n < buf.len() {
+            return (h, len);
+        }
     }
 }
 
