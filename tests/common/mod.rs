@@ -200,19 +200,51 @@ impl LoopFs {
         assert!(ok, "xfs_io shutdown {} failed", self.mount_point.display());
     }
 
+    /// The same cut as `shutdown`, by the ioctl `xfs_io` issues
+    /// (XFS_IOC_GOINGDOWN, no log flush): no process start, so a thread
+    /// can cut at a precise moment.
+    pub fn cut(mount_point: &Path) {
+        nix::ioctl_read!(xfs_goingdown, b'X', 125, u32);
+        let dir = std::fs::File::open(mount_point).unwrap();
+        // XFS_FSOP_GOING_FLAGS_NOLOGFLUSH
+        let mut flags: u32 = 2;
+        // SAFETY: the ioctl reads one u32 from a valid pointer.
+        unsafe { xfs_goingdown(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut flags) }
+            .unwrap_or_else(|e| panic!("XFS_IOC_GOINGDOWN {}: {e}", mount_point.display()));
+    }
+
     /// Unmounts and mounts the filesystem again (log recovery after a
     /// shutdown). Nothing may hold it open.
     pub fn remount(&self) {
-        cleanup_kernel_state(&self.mount_point);
-        let mut unmounted = false;
+        // What is mounted below it and loop devices on its files go first;
+        // the filesystem itself must really be unmounted (not detached
+        // lazily) for log recovery to run on the next mount.
+        let mut below: Vec<PathBuf> = mounts_under(&self.mount_point)
+            .into_iter()
+            .filter(|p| p != &self.mount_point)
+            .collect();
+        below.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in below {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for dev in hostpath_csi::block::list_attached() {
+            if dev.backing_file.starts_with(&self.mount_point) {
+                let _ = Command::new("losetup").arg("-d").arg(&dev.path).status();
+            }
+        }
+        let mut last = Ok(());
         for _ in 0..100 {
-            if nix::mount::umount(&self.mount_point).is_ok() {
-                unmounted = true;
+            last = nix::mount::umount(&self.mount_point);
+            if last.is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(unmounted, "cannot unmount {}", self.mount_point.display());
+        assert!(
+            last.is_ok(),
+            "cannot unmount {}: {last:?}",
+            self.mount_point.display()
+        );
         let ok = Command::new("mount")
             .arg(&self.device)
             .arg(&self.mount_point)
@@ -724,14 +756,18 @@ pub fn make_deep(root: &Path, depth: usize) {
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode as Perm;
     use std::os::fd::{AsFd, OwnedFd};
-    let mut fd: OwnedFd =
-        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut fd: OwnedFd = nix::fcntl::open(
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .unwrap();
     for _ in 0..depth {
         nix::sys::stat::mkdirat(fd.as_fd(), "d", Perm::from_bits_truncate(0o755)).unwrap();
         fd = nix::fcntl::openat(
             fd.as_fd(),
             "d",
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             Perm::empty(),
         )
         .unwrap();
@@ -739,7 +775,7 @@ pub fn make_deep(root: &Path, depth: usize) {
     let f = nix::fcntl::openat(
         fd.as_fd(),
         "leaf",
-        OFlag::O_CREAT | OFlag::O_WRONLY,
+        OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
         Perm::from_bits_truncate(0o644),
     )
     .unwrap();
@@ -751,19 +787,29 @@ pub fn depth_of(root: &Path) -> usize {
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode as Perm;
     use std::os::fd::{AsFd, OwnedFd};
-    let mut fd: OwnedFd =
-        nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let mut fd: OwnedFd = nix::fcntl::open(
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .unwrap();
     let mut depth = 0;
     while let Ok(next) = nix::fcntl::openat(
         fd.as_fd(),
         "d",
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Perm::empty(),
     ) {
         fd = next;
         depth += 1;
     }
-    let leaf = nix::fcntl::openat(fd.as_fd(), "leaf", OFlag::O_RDONLY, Perm::empty()).unwrap();
+    let leaf = nix::fcntl::openat(
+        fd.as_fd(),
+        "leaf",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .unwrap();
     let mut buf = [0u8; 16];
     let n = nix::unistd::read(&leaf, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"bottom");
@@ -853,6 +899,12 @@ impl FreezeGuard {
             .success();
         assert!(ok, "xfs_io freeze {} failed", mount_point.display());
         guard
+    }
+
+    /// Freezes nothing, but thaws on drop whatever the driver may have
+    /// frozen there.
+    pub fn thaw_on_drop(mount_point: &Path) -> FreezeGuard {
+        FreezeGuard(mount_point.to_path_buf())
     }
 
     pub fn thaw(&self) {
@@ -1125,7 +1177,8 @@ pub async fn eventually_removed(d: &Driver, id: &str) {
 
 // ------------------------------------------------------------ file contents
 
-/// Writes `len` bytes derived from `seed` (every 4 KiB block differs) and fsyncs.
+/// Writes `len` bytes derived from `seed` and the offset (no two 8-byte
+/// words of a file, or of two seeds, alike) and fsyncs.
 pub fn write_pattern(path: &Path, len: u64, seed: u64) {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
@@ -1134,21 +1187,23 @@ pub fn write_pattern(path: &Path, len: u64, seed: u64) {
         .write(true)
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let mut block = vec![0u8; 4096];
+    let mut buf = vec![0u8; 1 << 20];
+    let salt = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut written = 0;
     while written < len {
-        let n = (len - written).min(4096) as usize;
-        let tag = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (written / 4096);
-        for (i, b) in block[..n].iter_mut().enumerate() {
-            *b = (tag >> ((i % 8) * 8)) as u8 ^ (i as u8);
+        let n = (len - written).min(buf.len() as u64) as usize;
+        for (k, word) in buf[..n].chunks_mut(8).enumerate() {
+            let v = (salt ^ (written + 8 * k as u64)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            word.copy_from_slice(&v.to_le_bytes()[..word.len()]);
         }
-        f.write_all(&block[..n]).unwrap();
+        f.write_all(&buf[..n]).unwrap();
         written += n as u64;
     }
     f.sync_all().unwrap();
 }
 
-/// FNV-1a of a file's bytes, and its length: equal content, equal digest.
+/// A digest of a file's bytes (FNV-1a over 8-byte words), and its length:
+/// equal content, equal digest.
 pub fn file_digest(path: &Path) -> (u64, u64) {
     use std::io::Read;
     let mut f =
@@ -1156,14 +1211,23 @@ pub fn file_digest(path: &Path) -> (u64, u64) {
     let (mut h, mut len) = (0xcbf2_9ce4_8422_2325u64, 0u64);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return (h, len);
+        // Fill the buffer fully, so words never straddle two reads.
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                k => n += k,
+            }
         }
-        for b in &buf[..n] {
-            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        for chunk in buf[..n].chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x100_0000_01b3);
         }
         len += n as u64;
+        if n < buf.len() {
+            return (h, len);
+        }
     }
 }
 
