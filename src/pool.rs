@@ -103,7 +103,7 @@ struct Doomed {
 /// Why a pool could not be opened at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolOpenError {
-    #[error("pool {pool}: {path} is already served by another hostpath-csi process (its lock {lock} is held); refusing to start a second driver on it")]
+    #[error("pool {pool} is in use: {path} is already served by another hostpath-csi process (its lock {lock} is held); refusing to start a second driver on it")]
     InUse {
         pool: String,
         path: PathBuf,

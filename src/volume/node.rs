@@ -191,8 +191,14 @@ impl Core {
     pub fn publish(&self, req: &PublishRequest) -> CoreResult<()> {
         validate_name("volume_id", &req.volume_id)?;
         let target = request_path("target_path", &req.target)?;
+        let staging = req
+            .staging
+            .as_deref()
+            .map(|s| request_path("staging_target_path", s))
+            .transpose()?;
         let req = PublishRequest {
             target,
+            staging,
             ..req.clone()
         };
         if let Some(attributes) = &req.ephemeral {
