@@ -459,33 +459,51 @@ async fn stats_never_count_a_host_tree_swapped_in() {
     );
 }
 
+/// A copy of a tree that kept changing may be refused (ABORTED, "retry"),
+/// never answered otherwise; returns whether it was made.
+fn copy_made(r: Result<(), tonic::Status>, what: &str, refused: &mut Vec<String>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(s) if matches!(s.code(), Code::Aborted | Code::FailedPrecondition) => {
+            refused.push(format!("{what}: {:?}", s.code()));
+            false
+        }
+        Err(s) => panic!("{what}: {s:?}"),
+    }
+}
+
 /// Clones and snapshots (checked through a restore) never copy the host
-/// tree's content.
+/// tree's content; refusing a tree that keeps changing is allowed.
 #[tokio::test]
 async fn clones_and_snapshots_never_copy_a_host_tree_swapped_in() {
     let mut d = Driver::start().await;
     let rig = SwapRig::new(&mut d, SWAP_VOLUMES).await;
-    let mut leaked = Vec::new();
+    let (mut leaked, mut refused) = (Vec::new(), Vec::new());
     for i in 0..SWAP_VOLUMES {
         let id = rig.swap_in(i);
         let clone = format!("{id}-clone");
         let call =
             d.c.controller
                 .create_volume(clone_of(dir_volume(&clone, GIB), &id));
-        bounded("clone", RPC_BOUND, call)
-            .await
-            .unwrap_or_else(|s| panic!("clone of {id}: {s:?}"));
-        leaked.extend(files_holding(&d.pool().join(&clone), MARKER));
+        let r = bounded("clone", RPC_BOUND, call).await.map(|_| ());
+        if copy_made(r, &format!("clone of {id}"), &mut refused) {
+            leaked.extend(files_holding(&d.pool().join(&clone), MARKER));
+        }
         let snap = format!("{id}-snap");
         let call = d.c.controller.create_snapshot(snapshot_req(&snap, &id));
-        bounded("snapshot", RPC_BOUND, call)
-            .await
-            .unwrap_or_else(|s| panic!("snapshot of {id}: {s:?}"));
-        let back = format!("{id}-back");
-        create_ok(&mut d.c, restore_of(dir_volume(&back, GIB), &snap)).await;
-        leaked.extend(files_holding(&d.pool().join(&back), MARKER));
+        let r = bounded("snapshot", RPC_BOUND, call).await.map(|_| ());
+        if copy_made(r, &format!("snapshot of {id}"), &mut refused) {
+            let back = format!("{id}-back");
+            create_ok(&mut d.c, restore_of(dir_volume(&back, GIB), &snap)).await;
+            leaked.extend(files_holding(&d.pool().join(&back), MARKER));
+        }
     }
     rig.finish();
+    eprintln!(
+        "{} of {} copies refused: {refused:?}",
+        refused.len(),
+        2 * SWAP_VOLUMES
+    );
     assert!(leaked.is_empty(), "host content copied into: {leaked:?}");
 }
 
