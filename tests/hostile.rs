@@ -43,6 +43,12 @@ const EPHEMERAL_SIZE: &str = "320Mi";
 const EPHEMERAL_BYTES: u64 = 320 << 20;
 /// Bound for one RPC that walks a hostile tree.
 const RPC_BOUND: Duration = Duration::from_secs(120);
+/// Entries of the huge flat directory (the issue speaks of millions; this
+/// many is what the time budget allows).
+const HUGE_DIR: usize = 20_000;
+/// Peak resident memory the driver may reach walking it (generous: a
+/// streaming walk needs a few MiB).
+const MAX_RSS_KIB: u64 = 256 << 10;
 
 // ---------------------------------------------------------------- helpers
 
@@ -190,6 +196,61 @@ async fn deep_chain_in_an_ephemeral_volume_is_removed_at_unpublish() {
     assert!(!is_mount_point(&target));
     eventually_removed(&d, "eph").await;
     assert!(!listed_ids(&mut d.c).await.contains(&"eph".to_owned()));
+}
+
+/// The driver's peak resident set (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A huge flat directory is cloned whole, measured, and deleted, with the
+/// driver's memory bounded.
+#[tokio::test]
+async fn huge_directory_is_cloned_measured_and_deleted() {
+    let mut d = Driver::start().await;
+    let pid = d.pid();
+    create_ok(&mut d.c, dir_volume("huge", GIB)).await;
+    make_files(&d.pool().join("huge/dir"), HUGE_DIR);
+    let call =
+        d.c.controller
+            .create_volume(clone_of(dir_volume("copy", GIB), "huge"));
+    bounded("clone of a huge directory", RPC_BOUND, call)
+        .await
+        .unwrap();
+    assert_eq!(
+        count_entries(&d.pool().join("copy/dir")),
+        HUGE_DIR,
+        "the clone is not whole"
+    );
+    let target = d.path("pods/huge");
+    stage_publish(&mut d.c, "huge", &target, rwo())
+        .await
+        .unwrap();
+    let call = d.c.node.node_get_volume_stats(stats_req("huge", &target));
+    let stats = bounded("stats of a huge directory", RPC_BOUND, call)
+        .await
+        .unwrap();
+    let inodes = stats
+        .into_inner()
+        .usage
+        .iter()
+        .find(|u| u.unit == volume_usage::Unit::Inodes as i32)
+        .map(|u| u.used);
+    assert!(
+        inodes.is_some_and(|n| n as usize > HUGE_DIR),
+        "inodes used: {inodes:?}"
+    );
+    unpublish_unstage(&mut d.c, "huge", &target).await.unwrap();
+    for id in ["huge", "copy"] {
+        delete_bounded(&mut d, id).await.unwrap();
+    }
+    eventually_removed(&d, "huge").await;
+    eventually_removed(&d, "copy").await;
+    d.assert_alive(pid, "working on a huge directory");
+    let peak = peak_rss_kib(pid);
+    assert!(peak < MAX_RSS_KIB, "the driver peaked at {peak} KiB");
 }
 
 // ------------------------------------------------ leftovers at start-up
@@ -428,33 +489,51 @@ async fn stats_never_count_a_host_tree_swapped_in() {
     );
 }
 
+/// A copy of a tree that kept changing may be refused (ABORTED, "retry"),
+/// never answered otherwise; returns whether it was made.
+fn copy_made(r: Result<(), tonic::Status>, what: &str, refused: &mut Vec<String>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(s) if matches!(s.code(), Code::Aborted | Code::FailedPrecondition) => {
+            refused.push(format!("{what}: {:?}", s.code()));
+            false
+        }
+        Err(s) => panic!("{what}: {s:?}"),
+    }
+}
+
 /// Clones and snapshots (checked through a restore) never copy the host
-/// tree's content.
+/// tree's content; refusing a tree that keeps changing is allowed.
 #[tokio::test]
 async fn clones_and_snapshots_never_copy_a_host_tree_swapped_in() {
     let mut d = Driver::start().await;
     let rig = SwapRig::new(&mut d, SWAP_VOLUMES).await;
-    let mut leaked = Vec::new();
+    let (mut leaked, mut refused) = (Vec::new(), Vec::new());
     for i in 0..SWAP_VOLUMES {
         let id = rig.swap_in(i);
         let clone = format!("{id}-clone");
         let call =
             d.c.controller
                 .create_volume(clone_of(dir_volume(&clone, GIB), &id));
-        bounded("clone", RPC_BOUND, call)
-            .await
-            .unwrap_or_else(|s| panic!("clone of {id}: {s:?}"));
-        leaked.extend(files_holding(&d.pool().join(&clone), MARKER));
+        let r = bounded("clone", RPC_BOUND, call).await.map(|_| ());
+        if copy_made(r, &format!("clone of {id}"), &mut refused) {
+            leaked.extend(files_holding(&d.pool().join(&clone), MARKER));
+        }
         let snap = format!("{id}-snap");
         let call = d.c.controller.create_snapshot(snapshot_req(&snap, &id));
-        bounded("snapshot", RPC_BOUND, call)
-            .await
-            .unwrap_or_else(|s| panic!("snapshot of {id}: {s:?}"));
-        let back = format!("{id}-back");
-        create_ok(&mut d.c, restore_of(dir_volume(&back, GIB), &snap)).await;
-        leaked.extend(files_holding(&d.pool().join(&back), MARKER));
+        let r = bounded("snapshot", RPC_BOUND, call).await.map(|_| ());
+        if copy_made(r, &format!("snapshot of {id}"), &mut refused) {
+            let back = format!("{id}-back");
+            create_ok(&mut d.c, restore_of(dir_volume(&back, GIB), &snap)).await;
+            leaked.extend(files_holding(&d.pool().join(&back), MARKER));
+        }
     }
     rig.finish();
+    eprintln!(
+        "{} of {} copies refused: {refused:?}",
+        refused.len(),
+        2 * SWAP_VOLUMES
+    );
     assert!(leaked.is_empty(), "host content copied into: {leaked:?}");
 }
 
