@@ -58,10 +58,7 @@ impl Core {
             vol.layout().release(vol, DELETE_DETACH_WAIT, true)?;
         }
         let mounts = mount::mounts()?;
-        if let Some(m) = mounts
-            .iter()
-            .find(|m| vol.layout().owns_mount(vol, m, &mounts))
-        {
+        if let Some(m) = vol.layout().mounts_of(vol, &mounts).first() {
             return Err(CoreError::VolumeInUse {
                 id: vol.id().to_owned(),
                 by: format!("published or staged at {}", m.mount_point.display()),

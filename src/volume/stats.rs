@@ -87,17 +87,16 @@ impl Core {
         if std::fs::symlink_metadata(&path).is_err() {
             return Err(not_here());
         }
-        let mounts = mount::mounts()?;
-        let Some(m) = mount::topmost(&mounts, &path) else {
+        let Some(root) = mount::mounted_at(&path)? else {
             return Err(not_here());
         };
         let problem = self.volume_problem(&vol);
-        if !vol.layout().owns_mount(&vol, m, &mounts) {
+        if !vol.layout().owns_target(&vol, &root) {
             // A Block target whose loop device was lost is still this
             // volume's publication, and abnormal.
             let lost = vol
                 .layout()
-                .lost_publication(&vol, m)
+                .lost_publication(&vol, &root, &path)
                 .ok_or_else(not_here)?;
             return Ok(NodeStats {
                 total_bytes: vol.meta.capacity_bytes,
@@ -105,7 +104,7 @@ impl Core {
                 ..Default::default()
             });
         }
-        let mut stats = vol.layout().usage(self, &vol, &path, m)?;
+        let mut stats = vol.layout().usage(self, &vol, &path, &root)?;
         stats.problem = problem;
         Ok(stats)
     }
