@@ -75,6 +75,9 @@ struct Args {
     /// Also time the bare filesystem steps of a create/delete in this directory.
     #[arg(long)]
     baseline_dir: Option<PathBuf>,
+    /// Touch (and free) this much memory before the workload starts.
+    #[arg(long, default_value_t = 0)]
+    pretouch_mib: u64,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -365,6 +368,9 @@ async fn main() {
             std::process::exit(2)
         });
         ctx.cs.push(c);
+    }
+    if args.pretouch_mib > 0 {
+        procfs::pretouch(args.pretouch_mib);
     }
     run(&ctx, &args).await;
     ctx.ledger.check_leftovers(&ctx.cs[0].controller).await;

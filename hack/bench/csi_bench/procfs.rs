@@ -65,3 +65,17 @@ impl RssSampler {
         self.peak.load(Ordering::Relaxed)
     }
 }
+
+/// Touches `mib` MiB of fresh memory and frees it: on a VM that hands
+/// freed memory back to its host, the first touch of a page is slow, and
+/// should not land in whichever timed step happens to allocate first.
+pub fn pretouch(mib: u64) {
+    let len = (mib << 20) as usize;
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    let base = v.as_mut_ptr();
+    for offset in (0..len).step_by(4096) {
+        // SAFETY: within the reserved capacity; written, never read.
+        unsafe { base.add(offset).write_volatile(1) };
+    }
+    std::hint::black_box(&mut v);
+}

@@ -418,20 +418,26 @@ pub async fn storm(ctx: &Ctx, a: &StormArgs, dir: &Path) -> (Vec<Phase>, serde_j
         setup.extra.unpublish(c.node.clone()).await,
     );
     let delete_files_s = tear_down(ctx, c, &setup, &facts.clone_ids).await;
+    let named = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p.name == name)
+            .expect("a storm phase")
+    };
     let extra = json!({
         "files": a.files,
         "clone_mib": a.clone_mib,
         "clones": a.clones,
         "stats_calls_per_wave": a.stats_calls,
         "stats_waves": facts.stats_waves,
-        "stats_calls": phases[5].latencies.len(),
+        "stats_calls": named("storm-stats").latencies.len(),
         "clone_wall_s": facts.clone_wall_s,
         "storm_s": facts.storm_s,
         "fill_files_s": setup.fill_files_s,
         "delete_files_volume_s": delete_files_s,
-        "baseline_probe_over_1s": over_1s(&phases[0]),
-        "storm_probe_over_1s": over_1s(&phases[3]),
-        "storm_publish_over_1s": over_1s(&phases[4]),
+        "baseline_probe_over_1s": over_1s(named("baseline-probe")),
+        "storm_probe_over_1s": over_1s(named("storm-probe")),
+        "storm_publish_over_1s": over_1s(named("storm-publish")),
     });
     (phases, extra)
 }
