@@ -60,7 +60,7 @@ def main():
     for s in steps:
         print(table(s, [r for r in runs if r["step"] == s]))
         extras = [(r["driver"], r["extra"]) for r in runs if r["step"] == s and r.get("extra")]
-        keys = ("clone_wall_s", "storm_s", "stats_waves", "stats_calls", "storm_probe_over_1s", "storm_publish_over_1s",
+        keys = ("clone_wall_s", "storm_s", "stats_waves", "stats_calls", "storm_probe_over_1s", "storm_publish_over_1s", "storm_unpublish_over_1s",
                 "paged_s", "paged_pages", "full_s", "full_pages", "create_ratio_vs_baseline", "delete_ratio_vs_baseline",
                 "driver_cpu_s", "driver_peak_rss_kib")
         for drv, e in extras:

@@ -438,6 +438,7 @@ pub async fn storm(ctx: &Ctx, a: &StormArgs, dir: &Path) -> (Vec<Phase>, serde_j
         "baseline_probe_over_1s": over_1s(named("baseline-probe")),
         "storm_probe_over_1s": over_1s(named("storm-probe")),
         "storm_publish_over_1s": over_1s(named("storm-publish")),
+        "storm_unpublish_over_1s": over_1s(named("storm-unpublish")),
     });
     (phases, extra)
 }
