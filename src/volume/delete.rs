@@ -23,7 +23,8 @@ impl Core {
         validate_name("volume_id", id)?;
         let _guard = self.guards.acquire(Object::Volume, id, Access::Write)?;
         let Some(vol) = self.find_volume(id)? else {
-            return Ok(());
+            // Gone, unless it is in a pool that is not ready yet.
+            return self.not_ready_pool(id).map_or(Ok(()), Err);
         };
         let pool = self.pool_of(&vol)?;
         let dirs = pool.dirs()?;
@@ -55,6 +56,8 @@ impl Core {
     fn check_unused(&self, vol: &Volume) -> CoreResult<()> {
         // A file volume's devices first: a refusal names the device.
         if vol.layout().is_file() {
+            // Devices someone else attached since the index was built count too.
+            crate::block::rescan();
             vol.layout().release(vol, DELETE_DETACH_WAIT, true)?;
         }
         let mounts = mount::mounts()?;

@@ -170,9 +170,9 @@ impl Core {
             let Some(root) = mount::mounted_at(path)? else {
                 break;
             };
-            // A Block publication whose loop device was lost is still ours.
-            let ours = vol.layout().owns_target(vol, &root)
-                || vol.layout().lost_publication(vol, &root, path).is_some();
+            // A Block publication whose loop device was detached holds
+            // nothing any more: undoing it is safe.
+            let ours = vol.layout().owns_target(vol, &root) || vol.layout().orphaned(&root);
             if !ours {
                 if unmounted.is_empty() {
                     tracing::info!(volume = vol.id(), path = %path.display(), "left alone: the mount there is not this volume's");
@@ -306,6 +306,8 @@ impl Core {
                 .ok_or_else(|| CoreError::invalid("volume attribute size", q, "not a quantity"))?,
             None => cap,
         };
+        // Zero asks for nothing in particular: the cap, not an unbounded default.
+        let size = if size == 0 { cap } else { size };
         if size > cap {
             return Err(CoreError::invalid(
                 "volume attribute size",

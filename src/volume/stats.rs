@@ -24,7 +24,8 @@ const CACHE_TTL: Duration = Duration::from_secs(10);
 const WAIT_FOR_WALK: Duration = Duration::from_secs(60);
 
 enum Entry {
-    Walking,
+    /// A walk is running; the last result, if any, is served meanwhile.
+    Walking(Option<TreeUsage>),
     Done(Instant, TreeUsage),
 }
 
@@ -40,20 +41,24 @@ impl StatsCache {
         let id = vol.id();
         let deadline = Instant::now() + WAIT_FOR_WALK;
         let mut entries = self.entries.lock().unwrap();
-        loop {
+        let last = loop {
             match entries.get(id) {
                 Some(Entry::Done(at, u)) if at.elapsed() < CACHE_TTL => return Ok(*u),
-                Some(Entry::Walking) if Instant::now() < deadline => {
+                // Another caller is walking: its previous result will do,
+                // rather than holding a lane while a huge tree is walked.
+                Some(Entry::Walking(Some(u))) => return Ok(*u),
+                Some(Entry::Walking(None)) if Instant::now() < deadline => {
                     entries = self
                         .walked
                         .wait_timeout(entries, Duration::from_secs(1))
                         .unwrap()
                         .0;
                 }
-                _ => break,
+                Some(Entry::Done(_, u)) => break Some(*u),
+                _ => break None,
             }
-        }
-        entries.insert(id.to_owned(), Entry::Walking);
+        };
+        entries.insert(id.to_owned(), Entry::Walking(last));
         drop(entries);
         let walked =
             tree::usage_at(&vol.path).context(|| format!("measure {}", vol.path.display()));

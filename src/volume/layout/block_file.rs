@@ -190,6 +190,10 @@ impl LayoutKind for BlockFile {
         block::device_size(&dev.path)
     }
 
+    fn orphaned(&self, root: &FileStat) -> bool {
+        block::node_of(root).is_some_and(|n| block::attached(n).is_none())
+    }
+
     fn lost_publication(&self, vol: &Volume, root: &FileStat, at: &Path) -> Option<String> {
         let n = block::node_of(root)?;
         match block::attached(n) {

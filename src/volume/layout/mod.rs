@@ -146,6 +146,13 @@ pub trait LayoutKind: Send + Sync {
     fn node_expand(&self, _core: &Core, vol: &Volume) -> CoreResult<u64> {
         Ok(vol.meta.capacity_bytes)
     }
+    /// Whether the mount whose root stats as `root` is a publication whose
+    /// backing is gone for good (a Block bind of a loop device that no
+    /// longer backs any file): it holds nothing, so undoing it is safe
+    /// whichever volume it was. One that now backs another file is not.
+    fn orphaned(&self, _root: &FileStat) -> bool {
+        false
+    }
     /// Why a mount at a publish target no longer reaches the volume (a
     /// Block volume's loop device was lost); `None` when it is not this
     /// volume's at all.
