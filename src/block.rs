@@ -361,6 +361,7 @@ fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult
                     .map_or(direct_io, |v| v.trim() == "1");
                 tracing::info!(device = %device_path(n).display(), file = %file.display(), direct_io, read_only = opts.read_only, "loop device attached");
                 index_note(file_id, n, true);
+                forget_binds_of(n);
                 return Ok(LoopDevice {
                     path: device_path(n),
                     number: n,
@@ -518,19 +519,24 @@ pub fn mounted_loop(m: &MountInfo) -> Option<u32> {
     (m.major == LOOP_MAJOR).then_some(m.minor)
 }
 
-/// Where each loop device's node is bind-mounted (published Block volumes):
-/// read from mountinfo once, then kept by `note_bind` and `drop_bind`, so a
-/// publish or unpublish does not read mountinfo (which costs a millisecond
-/// of kernel time per read with hundreds of mounts).
-static BINDS: Mutex<Option<HashMap<u32, BTreeSet<PathBuf>>>> = Mutex::new(None);
+/// Where each loop device's node is bind-mounted (published Block volumes),
+/// and for which backing file each bind was made: read from mountinfo
+/// once, then kept by `note_bind` and `drop_bind`, so a publish or
+/// unpublish does not read mountinfo (a millisecond of kernel time per
+/// read with hundreds of mounts). A bind made for another file is not this
+/// file's: a loop device's number is reused after a detach, and a stale
+/// bind of the old device must not keep the new one in use.
+type Binds = HashMap<u32, HashMap<PathBuf, Option<FileId>>>;
+static BINDS: Mutex<Option<Binds>> = Mutex::new(None);
 
-fn with_binds<T>(work: impl FnOnce(&mut HashMap<u32, BTreeSet<PathBuf>>) -> T) -> CoreResult<T> {
+fn with_binds<T>(work: impl FnOnce(&mut Binds) -> T) -> CoreResult<T> {
     let mut binds = BINDS.lock().unwrap();
     if binds.is_none() {
-        let mut map: HashMap<u32, BTreeSet<PathBuf>> = HashMap::new();
+        let mut map: Binds = HashMap::new();
         for m in crate::mount::mounts()? {
             if let Some(n) = bound_loop(&m) {
-                map.entry(n).or_default().insert(m.mount_point);
+                let file = attached(n).map(|d| d.file);
+                map.entry(n).or_default().insert(m.mount_point, file);
             }
         }
         *binds = Some(map);
@@ -538,27 +544,81 @@ fn with_binds<T>(work: impl FnOnce(&mut HashMap<u32, BTreeSet<PathBuf>>) -> T) -
     Ok(work(binds.as_mut().expect("just filled")))
 }
 
-/// Records that device `n`'s node is now bind-mounted at `target`.
-pub fn note_bind(n: u32, target: &Path) -> CoreResult<()> {
+/// Reads the binds from mountinfo now (at start-up, before this process
+/// attaches anything), so every bind found is tied to the file its device
+/// backs at that moment.
+pub fn load_binds() -> CoreResult<()> {
+    with_binds(|_| ())
+}
+
+/// A device freshly attached: binds of its node that exist already were
+/// made for an earlier user of the number and are none of the new file's.
+fn forget_binds_of(n: u32) {
+    if let Some(map) = BINDS.lock().unwrap().as_mut() {
+        if let Some(set) = map.get_mut(&n) {
+            for file in set.values_mut() {
+                *file = None;
+            }
+        }
+    }
+}
+
+/// Records that device `n`'s node is now bind-mounted at `target` for `file`.
+pub fn note_bind(n: u32, target: &Path, file: FileId) -> CoreResult<()> {
     with_binds(|b| {
-        b.entry(n).or_default().insert(target.to_path_buf());
+        b.entry(n)
+            .or_default()
+            .insert(target.to_path_buf(), Some(file));
     })
 }
 
-/// Records that the bind of device `n` at `target` is gone; true when no
-/// other bind of it is known.
-pub fn drop_bind(n: u32, target: &Path) -> CoreResult<bool> {
+/// The binds of device `n` made for `file` that the kernel still shows
+/// (one stat each); stale ones are forgotten.
+fn live_binds(n: u32, file: FileId) -> CoreResult<Vec<PathBuf>> {
+    let known: Vec<PathBuf> = with_binds(|b| {
+        b.get(&n)
+            .map(|set| {
+                set.iter()
+                    .filter(|(_, f)| **f == Some(file))
+                    .map(|(t, _)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })?;
+    let (live, gone): (Vec<PathBuf>, Vec<PathBuf>) = known.into_iter().partition(
+        |t| matches!(crate::mount::mounted_at(t), Ok(Some(st)) if node_of(&st) == Some(n)),
+    );
     with_binds(|b| {
-        let Some(set) = b.get_mut(&n) else {
-            return true;
-        };
-        set.remove(target);
-        let unused = set.is_empty();
-        if unused {
-            b.remove(&n);
+        if let Some(set) = b.get_mut(&n) {
+            for t in &gone {
+                set.remove(t);
+            }
+            if set.is_empty() {
+                b.remove(&n);
+            }
         }
-        unused
-    })
+    })?;
+    Ok(live)
+}
+
+/// Records that the bind of device `n` at `target` is gone; true when no
+/// other bind of it for `file` remains.
+pub fn drop_bind(n: u32, target: &Path, file: FileId) -> CoreResult<bool> {
+    with_binds(|b| {
+        if let Some(set) = b.get_mut(&n) {
+            set.remove(target);
+        }
+    })?;
+    Ok(live_binds(n, file)?.is_empty())
+}
+
+/// True when device `n` (backing `file`) is used: a filesystem on it (from
+/// `mounts`), or a live bind of its node made for `file`.
+pub fn in_use_for(mounts: &[MountInfo], n: u32, file: FileId) -> CoreResult<bool> {
+    if mounts.iter().any(|m| mounted_loop(m) == Some(n)) {
+        return Ok(true);
+    }
+    Ok(!live_binds(n, file)?.is_empty())
 }
 
 /// True when one of `mounts` uses device `n`: a filesystem on it, or its

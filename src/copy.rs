@@ -598,11 +598,27 @@ impl TreeCopy<'_> {
         if st.st_nlink > 1 {
             let key = (st.st_dev, st.st_ino);
             if let Some(first) = self.links.get(&key) {
-                nix::unistd::linkat(&self.dst_root, first, &parent.dst, name, AtFlags::empty())
-                    .context(|| format!("link copy of {}", label.display()))?;
-                return Ok(Step::Done(None));
-            }
-            if self.links_bytes + rel.as_os_str().len() <= LINKS_BUDGET {
+                match nix::unistd::linkat(
+                    &self.dst_root,
+                    first,
+                    &parent.dst,
+                    name,
+                    AtFlags::empty(),
+                ) {
+                    Ok(()) => return Ok(Step::Done(None)),
+                    // The first copy lies deeper than a path can name: copy
+                    // this one as a file of its own (the link is not kept).
+                    Err(Errno::ENAMETOOLONG) => {}
+                    Err(e) => {
+                        return Err(CoreError::io(
+                            format!("link copy of {}", label.display()),
+                            e.into(),
+                        ))
+                    }
+                }
+            } else if rel.as_os_str().len() < libc::PATH_MAX as usize
+                && self.links_bytes + rel.as_os_str().len() <= LINKS_BUDGET
+            {
                 self.links_bytes += rel.as_os_str().len();
                 self.links.insert(key, rel.clone());
             }

@@ -1188,12 +1188,21 @@ async fn stats_and_condition_of_block_volumes() {
             .arg("-d")
             .arg(format!("/dev/loop{n}"))
             .status();
-        // Detached, the bind holds nothing: the retried unpublish undoes it.
+        // Detached, the bind holds nothing: the retried unpublish undoes it
+        // (unless another process took loop{n} meanwhile: then the bind is
+        // theirs to see, and is left alone).
         let _ = settled_loops(d.dir.path()).await;
         unpublish(&mut d, "pvc-st", &t).await;
     } else {
         // Someone else took loop{n} first.
         unpublish(&mut d, "pvc-st", &t).await;
+    }
+    if !mounts_under(&t).is_empty() {
+        // Left alone only because another process attached loop{n} since.
+        let taken = std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"));
+        assert!(taken.is_ok(), "the bind of a detached device stayed");
+        let _ = nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&t);
     }
     assert!(!t.exists());
     assert!(mounts_under(d.dir.path()).is_empty());

@@ -132,6 +132,9 @@ impl Core {
             snapshot_index: registry::Index::default(),
         });
         group::thaw_leftovers(&core);
+        if let Err(e) = crate::block::load_binds() {
+            tracing::warn!(error = %e, "cannot read which loop devices are published; it is read again on first use");
+        }
         recovery::install(&core);
         Ok(core)
     }

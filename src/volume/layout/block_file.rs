@@ -112,7 +112,7 @@ impl LayoutKind for BlockFile {
             let _ = file_backed::release(vol, Duration::ZERO, false);
             return Err(e);
         }
-        block::note_bind(dev.number, &req.target)?;
+        block::note_bind(dev.number, &req.target, dev.file)?;
         Ok(())
     }
 
@@ -127,14 +127,14 @@ impl LayoutKind for BlockFile {
     /// The device goes when its last publication does; the binds are known
     /// without reading mountinfo (see `block::note_bind`).
     fn after_unpublish(&self, vol: &Volume, target: &Path, root: &FileStat) -> CoreResult<()> {
-        let Some(n) = block::node_of(root) else {
+        let (Some(n), Some(file)) = (block::node_of(root), file_backed_id(vol)) else {
             return Ok(());
         };
-        if !block::drop_bind(n, target)? {
+        if !block::drop_bind(n, target, file)? {
             return Ok(());
         }
         match block::attached(n) {
-            Some(dev) if file_backed_id(vol) == Some(dev.file) => {
+            Some(dev) if dev.file == file => {
                 block::detach_and_wait(&dev, crate::volume::node::DETACH_WAIT).map(drop)
             }
             _ => Ok(()),

@@ -109,7 +109,7 @@ pub fn release(vol: &Volume, wait: Duration, for_delete: bool) -> CoreResult<()>
     }
     let mounts = mount::mounts()?;
     for dev in devs {
-        let in_use = block::used_by(&mounts, dev.number);
+        let in_use = block::in_use_for(&mounts, dev.number, dev.file)?;
         let held = !in_use && !block::detach_and_wait(&dev, wait)?;
         if for_delete && (in_use || held) {
             return Err(CoreError::VolumeInUse {
