@@ -262,7 +262,7 @@ fn build_linked_chain(root: &Path, depth: usize, files: usize) {
             f.as_str(),
             &links,
             format!("l{i:06}").as_str(),
-            nix::unistd::AtFlags::empty(),
+            nix::fcntl::AtFlags::empty(),
         )
         .unwrap();
     }
@@ -545,7 +545,7 @@ async fn btrfs_power_cut_after_create_keeps_the_volume() {
     // What start-up wrote is on disk before the create.
     tokio::time::sleep(Duration::from_secs(1)).await;
     nix::unistd::sync();
-    create_ok(&mut d.c, dir_volume("v1", GIB)).await;
+    create_ok(&mut d.c, dir_volume("v1", 16 * MIB)).await;
     // The disk as a power cut now would leave it.
     run(
         "cp",
@@ -602,7 +602,7 @@ async fn delete_while_a_pool_is_not_ready_is_unavailable() {
     .to_string();
     let bind = MountGuard::bind(&fs.mount_point, &mnt);
     let mut d = Driver::start_with_datadir(&json).await;
-    create_ok(&mut d.c, in_pool(dir_volume("v1", 64 * MIB), "tpl")).await;
+    create_ok(&mut d.c, in_pool(dir_volume("v1", 16 * MIB), "tpl")).await;
     fs::write(mnt.join("v1/keep"), b"data").unwrap();
     d.kill9();
     // The node reboots: the pool's filesystem is not mounted yet.
