@@ -726,21 +726,23 @@ async fn ephemeral_size_zero_stays_within_the_cap() {
 
 // --------------------------- 9. snapshot staging and recovery of a later run
 
-/// Files in the volume snapshotted right after the restart.
+/// Files in the volume snapshotted right after each restart.
 const SWEEP_FILES: usize = 5_000;
 /// Metadata files of volumes that are gone, as a crash leaves them:
 /// recovery removes each with a flush, so its sweep of the snapshot
 /// directory comes while the snapshot is being built.
 const GONE_META: usize = 3_000;
-/// An earlier process's half-built snapshot.
-const LEFTOVER: &str = ".tmp-old.new@deadbeef";
+/// Restarts, each with a snapshot right after it (the sweep racing the
+/// snapshot is timing-dependent; two rounds catch it far more often).
+const SWEEP_ROUNDS: usize = 2;
 
-/// Metadata of `n` volumes that no longer exist, beside `like`'s.
-fn leave_gone_metadata(pool: &Path, like: &str, n: usize) {
+/// Metadata of `n` volumes named `<prefix><i>` that no longer exist,
+/// copied from `like`'s.
+fn leave_gone_metadata(pool: &Path, like: &str, prefix: &str, n: usize) {
     let text = fs::read_to_string(meta_path(pool, like)).unwrap();
     let mut meta: serde_json::Value = serde_json::from_str(&text).unwrap();
     for i in 0..n {
-        let id = format!("gone-{i:05}");
+        let id = format!("{prefix}{i:05}");
         meta["id"] = serde_json::Value::String(id.clone());
         fs::write(meta_path(pool, &id), meta.to_string()).unwrap();
     }
@@ -754,38 +756,33 @@ async fn recovery_sweeps_earlier_snapshot_staging_only() {
     let mut d = Driver::start().await;
     create_ok(&mut d.c, dir_volume("src", GIB)).await;
     make_files(&d.pool().join("src"), SWEEP_FILES);
-    d.kill9();
-    let leftover = snapshots_dir(d.pool()).join(LEFTOVER);
-    make_files(&leftover.join("data"), 100);
-    leave_gone_metadata(d.pool(), "src", GONE_META);
-    nix::unistd::sync();
+    for round in 0..SWEEP_ROUNDS {
+        d.kill9();
+        // An earlier process's half-built snapshot.
+        let leftover = snapshots_dir(d.pool()).join(format!(".tmp-old{round}.new@deadbeef"));
+        make_files(&leftover.join("data"), 100);
+        leave_gone_metadata(d.pool(), "src", &format!("gone{round}-"), GONE_META);
+        nix::unistd::sync();
 
-    d.restart().await;
-    let call = d.c.controller.create_snapshot(snapshot_req("snap", "src"));
-    let snap = bounded("CreateSnapshot right after a restart", RPC_BOUND, call)
-        .await
-        .unwrap_or_else(|s| panic!("CreateSnapshot right after a restart: {s:?}"))
-        .into_inner()
-        .snapshot
-        .unwrap();
-    create_ok(
-        &mut d.c,
-        restore_of(dir_volume("back", GIB), &snap.snapshot_id),
-    )
-    .await;
-    assert_eq!(
-        count_entries(&d.pool().join("back")),
-        SWEEP_FILES,
-        "files in the restore of the snapshot taken right after the restart"
-    );
-    eventually(
-        "the earlier process's half-built snapshot is removed",
-        EVENTUALLY,
-        || fs::symlink_metadata(&leftover).is_err(),
-        || tail(&d.log(), 20),
-    )
-    .await;
-    assert!(listed_snapshot_ids(&mut d.c)
-        .await
-        .contains(&snap.snapshot_id));
+        d.restart().await;
+        let (snap, back) = (format!("snap{round}"), format!("back{round}"));
+        let call = d.c.controller.create_snapshot(snapshot_req(&snap, "src"));
+        bounded("CreateSnapshot right after a restart", RPC_BOUND, call)
+            .await
+            .unwrap_or_else(|s| panic!("CreateSnapshot right after restart {round}: {s:?}"));
+        create_ok(&mut d.c, restore_of(dir_volume(&back, GIB), &snap)).await;
+        assert_eq!(
+            count_entries(&d.pool().join(&back)),
+            SWEEP_FILES,
+            "files in the restore of the snapshot taken right after restart {round}"
+        );
+        eventually(
+            "the earlier process's half-built snapshot is removed",
+            EVENTUALLY,
+            || fs::symlink_metadata(&leftover).is_err(),
+            || tail(&d.log(), 20),
+        )
+        .await;
+        assert!(listed_snapshot_ids(&mut d.c).await.contains(&snap));
+    }
 }
