@@ -139,6 +139,28 @@ async fn unpublish_of_another_volume_leaves_a_block_publication_alone() {
 
 // ------------------------ 2. Block bind of a reused or detached device
 
+/// Detaches loop device `n` (backing `file`) and waits, polling tightly,
+/// until the kernel no longer shows it backing `file`: the number is free
+/// then, and other processes on this machine take free numbers.
+async fn detach_loop(n: u64, file: &Path) {
+    let dev = format!("/dev/loop{n}");
+    run("losetup", &["-d".as_ref(), dev.as_ref()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hostpath_csi::block::attached(n as u32).is_some_and(|d| d.backing_file == file) {
+        assert!(
+            Instant::now() < deadline,
+            "{dev} is still attached to {}",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What loop device `n` backs now, if anything.
+fn backing_of(n: u64) -> Option<PathBuf> {
+    hostpath_csi::block::attached(n as u32).map(|d| d.backing_file)
+}
+
 /// A Block publication whose loop device was detached and then attached
 /// to another file is left alone by unpublish (it may be someone else's);
 /// once the device is detached for good, unpublish undoes the bind.
@@ -148,52 +170,64 @@ async fn block_bind_of_a_reused_device_is_left_and_of_a_detached_one_undone() {
     create_ok(&mut d.c, block_volume("v", 16 * MIB)).await;
     let t = d.path("pods/v");
     stage_publish(&mut d.c, "v", &t, rwo_block()).await.unwrap();
-    let dev = PathBuf::from(format!("/dev/loop{}", loop_minor(&t)));
-    run("losetup", &["-d".as_ref(), dev.as_os_str()]);
-    loops_gone(d.pool()).await;
-
-    // The same device now backs a file that is not the volume's.
+    let n = loop_minor(&t);
+    let dev = PathBuf::from(format!("/dev/loop{n}"));
     let other = d.path("other.img");
     fs::File::create(&other)
         .unwrap()
         .set_len(MIB as u64)
         .unwrap();
+
+    // The same device now backs a file that is not the volume's.
+    detach_loop(n, &d.pool().join("v")).await;
     let reused = Command::new("losetup")
         .arg(&dev)
         .arg(&other)
         .status()
         .unwrap()
         .success();
-    if reused {
-        let call = d.c.node.node_unpublish_volume(unpublish_req("v", &t));
-        bounded("NodeUnpublishVolume", RPC_BOUND, call)
-            .await
-            .unwrap();
-        assert_eq!(
-            mounts_under(&t),
-            vec![t.clone()],
-            "the bind of a device that now backs another file was undone"
-        );
-        assert_eq!(
-            loops_under(d.dir.path()),
-            vec![other.clone()],
-            "the other file's device was detached"
-        );
-        run("losetup", &["-d".as_ref(), dev.as_os_str()]);
-        loops_gone(d.dir.path()).await;
-    } else {
-        // Another process took the device number first (machine is shared).
+    if !reused {
+        // Another process took the free number first (the machine is shared).
         eprintln!(
-            "{} was taken by someone else: reuse not tested",
-            dev.display()
+            "{} was taken by {:?}: not tested",
+            dev.display(),
+            backing_of(n)
         );
+        return;
     }
-
-    // Detached for good: the bind holds nothing, unpublish undoes it.
     let call = d.c.node.node_unpublish_volume(unpublish_req("v", &t));
     bounded("NodeUnpublishVolume", RPC_BOUND, call)
         .await
         .unwrap();
+    assert_eq!(
+        mounts_under(&t),
+        vec![t.clone()],
+        "the bind of a device that now backs another file was undone"
+    );
+    assert_eq!(
+        loops_under(d.dir.path()),
+        vec![other.clone()],
+        "the other file's device was detached"
+    );
+
+    // Detached for good: the bind holds nothing, unpublish undoes it.
+    detach_loop(n, &other).await;
+    let call = d.c.node.node_unpublish_volume(unpublish_req("v", &t));
+    bounded("NodeUnpublishVolume", RPC_BOUND, call)
+        .await
+        .unwrap();
+    if is_mount_point(&t) {
+        if let Some(taken) = backing_of(n) {
+            // Someone else attached the free number before the unpublish:
+            // leaving the bind is then right.
+            eprintln!(
+                "{} was taken by {}: not tested",
+                dev.display(),
+                taken.display()
+            );
+            return;
+        }
+    }
     assert!(!is_mount_point(&t), "the bind of a detached device is left");
     assert!(!t.exists(), "the target {} is left", t.display());
     let staging = PathBuf::from(staging_for(&t));
