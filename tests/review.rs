@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,11 +72,9 @@ fn write_device(dev: &Path, marker: &[u8]) {
     f.sync_all().unwrap();
 }
 
-/// The first `len` bytes of a block device, read past the page cache's
-/// staleness (a fresh open of the device node).
+/// The first `len` bytes of a block device.
 fn read_device(dev: &Path, len: usize) -> Vec<u8> {
     let mut f = fs::File::open(dev).unwrap();
-    f.seek(SeekFrom::Start(0)).unwrap();
     let mut buf = vec![0u8; len];
     f.read_exact(&mut buf).unwrap();
     buf
@@ -402,8 +400,10 @@ fn tree_top(dir: &Path) -> Vec<String> {
 /// takes far longer.
 const LEASE_BOUND: Duration = Duration::from_secs(20);
 
-/// A process (`sleep`) holding write leases (F_SETLEASE) on `files` and
-/// ignoring lease-break notices, so it never releases them; killed on drop.
+/// A process (`sleep`) holding write leases (F_SETLEASE, F_WRLCK) on
+/// `files` and ignoring lease-break notices, so it never releases them;
+/// killed on drop. A write lease, because any open breaks it: a read lease
+/// is broken only by opens for writing, which a copy's source never gets.
 fn lease_holder(files: &[PathBuf]) -> Reaper {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
