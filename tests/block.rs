@@ -160,7 +160,7 @@ fn publish_req(
     NodePublishVolumeRequest {
         volume_id: id.into(),
         target_path: s(target),
-        staging_target_path: staging_for(target),
+        staging_target_path: s(&staging_for(target)),
         volume_capability: Some(cap),
         readonly,
         ..Default::default()

@@ -1568,7 +1568,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: "vm-data".into(),
             target_path: s(&disk),
-            staging_target_path: staging_for(&disk),
+            staging_target_path: s(&staging_for(&disk)),
             volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
             ..Default::default()
         })

@@ -1140,7 +1140,7 @@ async fn stats_report_abnormal_when_backing_directory_is_gone() {
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: "pvc-gone".into(),
             target_path: t.to_string_lossy().into(),
-            staging_target_path: staging_for(&t),
+            staging_target_path: s(&staging_for(&t)),
             volume_capability: Some(rwo()),
             ..Default::default()
         })
@@ -1185,7 +1185,7 @@ async fn go_driver_volume_is_listed_and_publishable() {
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: "pvc-legacy".into(),
             target_path: t.to_string_lossy().into(),
-            staging_target_path: staging_for(&t),
+            staging_target_path: s(&staging_for(&t)),
             volume_capability: Some(rwo()),
             volume_context: v.volume_context,
             ..Default::default()

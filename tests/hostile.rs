@@ -812,7 +812,7 @@ async fn failed_expand_leaves_size_and_capacity_unchanged() {
     .await;
     create_ok(
         &mut d.c,
-        with_params(image_volume("img", 320 * MIB), &thick),
+        with_params(image_volume("img", 320 * MIB, ""), &thick),
     )
     .await;
     // Leave ~100 MiB free beside the pool.
@@ -825,7 +825,7 @@ async fn failed_expand_leaves_size_and_capacity_unchanged() {
     for (id, was, to) in [("blk", 128 * MIB, 400 * MIB), ("img", 320 * MIB, 640 * MIB)] {
         let r =
             d.c.controller
-                .controller_expand_volume(grow_req(id, to))
+                .controller_expand_volume(grow_req(id, to, None))
                 .await;
         assert_eq!(code(&r), Code::ResourceExhausted, "expand {id}: {r:?}");
         let len = fs::metadata(d.pool().join(id)).unwrap().len();

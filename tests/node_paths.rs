@@ -107,12 +107,12 @@ async fn unpublish_leaves_a_foreign_file_or_directory_alone() {
 #[tokio::test]
 async fn unstage_with_the_wrong_volume_id_leaves_the_staged_volume_alone() {
     let mut d = Driver::start().await;
-    create_ok(&mut d.c, image_volume("a", IMAGE_SIZE)).await;
-    create_ok(&mut d.c, image_volume("b", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("a", IMAGE_SIZE, "")).await;
+    create_ok(&mut d.c, image_volume("b", IMAGE_SIZE, "")).await;
     let target = d.path("pods/a");
     stage_publish(&mut d.c, "a", &target, rwo()).await.unwrap();
     fs::write(target.join("vm-disk"), b"running").unwrap();
-    let staging = std::path::PathBuf::from(staging_for(&target));
+    let staging = staging_for(&target);
     let r =
         d.c.node
             .node_unstage_volume(unstage_req("b", &staging))
@@ -139,7 +139,7 @@ async fn publish_onto_an_occupied_target_is_refused() {
     let target = d.path("pods/shared");
     stage_publish(&mut d.c, "b", &target, rwo()).await.unwrap();
     fs::write(target.join("mine"), b"b's data").unwrap();
-    let staging = std::path::PathBuf::from(staging_for(&target));
+    let staging = staging_for(&target);
     d.c.node
         .node_stage_volume(stage_req("a", &staging, rwo()))
         .await
@@ -196,7 +196,7 @@ async fn block_publish_onto_a_file_with_content_is_refused() {
     fs::create_dir_all(target.parent().unwrap()).unwrap();
     fs::write(&target, b"someone's data").unwrap();
     let cap = block_cap(Mode::SingleNodeWriter);
-    let staging = std::path::PathBuf::from(staging_for(&target));
+    let staging = staging_for(&target);
     fs::create_dir_all(&staging).unwrap();
     d.c.node
         .node_stage_volume(stage_req("blk", &staging, cap.clone()))

@@ -94,17 +94,17 @@ async fn acknowledged_expand_and_modify_survive_a_power_cut() {
     let mut rig = Rig::new().await;
     let c = &mut rig.d.c.clone();
     create_ok(c, block_volume("blk", 64 * MIB)).await;
-    create_ok(c, image_volume("img", 320 * MIB)).await;
+    create_ok(c, image_volume("img", 320 * MIB, "")).await;
     create_ok(c, block_volume("thin", 64 * MIB)).await;
     write_pattern(&rig.d.pool().join("blk"), HEAD, 7);
     let want = pattern_digest(7);
     let c = &mut rig.d.c.clone();
     c.controller
-        .controller_expand_volume(grow_req("blk", 128 * MIB))
+        .controller_expand_volume(grow_req("blk", 128 * MIB, None))
         .await
         .unwrap();
     c.controller
-        .controller_expand_volume(grow_req("img", 400 * MIB))
+        .controller_expand_volume(grow_req("img", 400 * MIB, None))
         .await
         .unwrap();
     let thick = modify_req("thin", &[("preallocation", "true")]);
@@ -186,7 +186,7 @@ async fn acknowledged_creates_survive_a_power_cut() {
     create_ok(c, dir_volume("dir", GIB)).await;
     create_ok(c, block_volume("sparse", 64 * MIB)).await;
     create_ok(c, with_params(block_volume("thick", 64 * MIB), &thick)).await;
-    create_ok(c, image_volume("img", 320 * MIB)).await;
+    create_ok(c, image_volume("img", 320 * MIB, "")).await;
     create_ok(c, clone_of(block_volume("clone", 64 * MIB), "src")).await;
     create_ok(c, restore_of(block_volume("restored", 64 * MIB), "snap")).await;
     rig.power_cut().await;
@@ -281,7 +281,7 @@ fn start_storm(
         tasks.push(tokio::spawn(async move {
             let r = c
                 .controller
-                .controller_expand_volume(grow_req(&format!("e{i}"), size))
+                .controller_expand_volume(grow_req(&format!("e{i}"), size, None))
                 .await;
             record(format!("expand e{i}"), &out, &cut, r.is_ok());
         }));

@@ -350,7 +350,7 @@ async fn mount_image(d: &mut Driver, id: &str) -> (PathBuf, PathBuf) {
     stage_publish(&mut d.c, id, &target, rwo())
         .await
         .unwrap_or_else(|s| panic!("publish {id}: {s:?}"));
-    (PathBuf::from(staging_for(&target)), target)
+    (staging_for(&target), target)
 }
 
 /// One image volume's filesystem frozen, with a NodeExpandVolume stuck on
@@ -358,11 +358,11 @@ async fn mount_image(d: &mut Driver, id: &str) -> (PathBuf, PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_publish_completes_while_another_volume_is_frozen() {
     let mut d = Driver::start().await;
-    create_ok(&mut d.c, image_volume("frozen", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("frozen", IMAGE_SIZE, "")).await;
     create_ok(&mut d.c, block_volume("other", 64 * MIB)).await;
     let (staging, target) = mount_image(&mut d, "frozen").await;
     d.c.controller
-        .controller_expand_volume(grow_req("frozen", IMAGE_SIZE + 64 * MIB))
+        .controller_expand_volume(grow_req("frozen", IMAGE_SIZE + 64 * MIB, None))
         .await
         .unwrap();
     // Declared after the driver: thawed before the driver is torn down.
@@ -423,7 +423,7 @@ async fn can_write(dir: &Path) -> bool {
 async fn group_snapshot_on_ext4_with_a_mounted_image_member_is_refused() {
     let fs = LoopFs::new("ext4", 1536);
     let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
-    create_ok(&mut d.c, image_volume("vm-root", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("vm-root", IMAGE_SIZE, "")).await;
     create_ok(&mut d.c, block_volume("vm-data", 256 * MIB)).await;
     write_pattern(&d.pool().join("vm-data"), 64 << 20, 1);
     let (staging, target) = mount_image(&mut d, "vm-root").await;
@@ -536,10 +536,10 @@ async fn control_rpcs_answer_during_a_stats_and_clone_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_rpcs_answer_while_calls_pile_up_on_a_frozen_volume() {
     let mut d = Driver::start().await;
-    create_ok(&mut d.c, image_volume("stuck", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("stuck", IMAGE_SIZE, "")).await;
     let (staging, target) = mount_image(&mut d, "stuck").await;
     d.c.controller
-        .controller_expand_volume(grow_req("stuck", IMAGE_SIZE + 64 * MIB))
+        .controller_expand_volume(grow_req("stuck", IMAGE_SIZE + 64 * MIB, None))
         .await
         .unwrap();
     let freeze = FreezeGuard::freeze(&staging);
