@@ -687,10 +687,7 @@ async fn node_publish_validation_and_read_only() {
     };
     // STAGE_UNSTAGE_VOLUME is advertised: no staging path is the spec's
     // FAILED_PRECONDITION, after the existence check (NOT_FOUND first).
-    let unstaged = |id: &str| NodePublishVolumeRequest {
-        staging_target_path: String::new(),
-        ..publish_req(id, &t, rwo())
-    };
+    let unstaged = |id: &str| unstaged_publish_req(id, &t, rwo());
     for (what, req, want) in [
         (
             "no volume id",

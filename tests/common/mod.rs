@@ -614,6 +614,18 @@ pub fn publish_req(id: &str, target: &Path, cap: VolumeCapability) -> NodePublis
     }
 }
 
+/// A publish that names no staging path (as a CO without STAGE_UNSTAGE would).
+pub fn unstaged_publish_req(
+    id: &str,
+    target: &Path,
+    cap: VolumeCapability,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        staging_target_path: String::new(),
+        ..publish_req(id, target, cap)
+    }
+}
+
 pub fn stage_req(id: &str, staging: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
     NodeStageVolumeRequest {
         volume_id: id.into(),
