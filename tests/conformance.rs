@@ -409,7 +409,7 @@ async fn delete_volume_rules() {
     assert_code(&r, Code::FailedPrecondition, "a published volume");
     assert!(r.unwrap_err().message().contains(&s(&target)));
     assert_eq!(std::fs::read(target.join("precious")).unwrap(), b"data");
-    unpublish(&mut d.c, "pvc-busy", &target).await.unwrap();
+    unpublish_ok(&mut d.c, "pvc-busy", &target).await;
     delete_ok(&mut d.c, "pvc-busy").await;
     assert!(!d.pool().join("pvc-busy").exists());
 }
@@ -656,7 +656,7 @@ async fn node_full_cycle_with_stats_and_idempotency() {
             .await;
     assert_code(&r, Code::NotFound, "stats of a path the volume is not at");
     for _ in 0..2 {
-        unpublish(&mut d.c, &v.volume_id, &target).await.unwrap();
+        unpublish_ok(&mut d.c, &v.volume_id, &target).await;
     }
     assert!(
         !target.exists(),
@@ -734,9 +734,7 @@ async fn node_publish_validation_and_read_only() {
     d.c.node.node_publish_volume(ro).await.unwrap();
     // mount_flags are applied.
     let t2 = d.path("t2");
-    publish(&mut d.c, "pvc-ro", &t2, mount_cap_flags(&["noexec"]))
-        .await
-        .unwrap();
+    publish_ok(&mut d.c, "pvc-ro", &t2, mount_cap_flags(&["noexec"])).await;
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = mi.lines().find(|l| l.contains(&*s(&t2))).unwrap();
     assert!(line.contains("noexec"), "{line}");
@@ -774,10 +772,11 @@ async fn single_writer_refuses_a_second_target() {
     let cap = mount_cap(Mode::SingleNodeSingleWriter);
     create_ok(&mut d.c, create_req("pvc-rwop", GIB, cap.clone())).await;
     let (a, b) = (d.path("a"), d.path("b"));
-    publish(&mut d.c, "pvc-rwop", &a, cap.clone())
-        .await
-        .unwrap();
-    let r = publish(&mut d.c, "pvc-rwop", &b, cap).await;
+    publish_ok(&mut d.c, "pvc-rwop", &a, cap.clone()).await;
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("pvc-rwop", &b, cap));
+    let r = r.await;
     assert_code(&r, Code::FailedPrecondition, "a second target");
 }
 
@@ -879,7 +878,7 @@ async fn stats_report_abnormal_when_backing_directory_is_gone() {
     let mut d = Driver::start().await;
     create_ok(&mut d.c, dir_volume("pvc-gone", GIB)).await;
     let t = d.path("t");
-    publish(&mut d.c, "pvc-gone", &t, rwo()).await.unwrap();
+    publish_ok(&mut d.c, "pvc-gone", &t, rwo()).await;
     // The metadata stays; the directory vanishes under the mount.
     std::fs::rename(
         d.pool().join("pvc-gone"),
@@ -1130,7 +1129,7 @@ async fn ephemeral_inline_volume_lives_from_publish_to_unpublish() {
     assert!(d.pool().join(id).is_file());
     assert_eq!(mounts_under(&target), vec![target.clone()]);
     assert_eq!(reported_capacity(&mut d.c, id).await, GIB);
-    unpublish(&mut d.c, id, &target).await.unwrap();
+    unpublish_ok(&mut d.c, id, &target).await;
     assert!(
         !d.pool().join(id).exists(),
         "ephemeral volume removed with its last publish"
@@ -1241,7 +1240,7 @@ async fn node_full_cycle_with_block_access() {
             .unwrap()
             .into_inner();
     assert_eq!(r.capacity_bytes, SIZE + GIB);
-    unpublish(&mut d.c, &v.volume_id, &target).await.unwrap();
+    unpublish_ok(&mut d.c, &v.volume_id, &target).await;
     assert!(
         !target.exists(),
         "unpublish must remove the file it created"
@@ -1288,7 +1287,7 @@ async fn node_full_cycle_with_image_layout() {
         fs_size.blocks() * fs_size.fragment_size() > SIZE as u64,
         "the filesystem grew online"
     );
-    unpublish(&mut d.c, &v.volume_id, &target).await.unwrap();
+    unpublish_ok(&mut d.c, &v.volume_id, &target).await;
     assert!(!target.exists());
     d.c.node
         .node_unstage_volume(unstage_req(&v.volume_id, &staging))

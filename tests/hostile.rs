@@ -225,9 +225,7 @@ async fn huge_directory_is_cloned_measured_and_deleted() {
         "the clone is not whole"
     );
     let target = d.path("pods/huge");
-    stage_publish(&mut d.c, "huge", &target, rwo())
-        .await
-        .unwrap();
+    stage_publish(&mut d.c, "huge", &target, rwo()).await;
     let call = d.c.node.node_get_volume_stats(stats_req("huge", &target));
     let stats = bounded("stats of a huge directory", RPC_BOUND, call)
         .await
@@ -242,7 +240,7 @@ async fn huge_directory_is_cloned_measured_and_deleted() {
         inodes.is_some_and(|n| n as usize > HUGE_DIR),
         "inodes used: {inodes:?}"
     );
-    unpublish_unstage(&mut d.c, "huge", &target).await.unwrap();
+    unpublish_unstage(&mut d.c, "huge", &target).await;
     for id in ["huge", "copy"] {
         delete_bounded(&mut d, id).await.unwrap();
     }
@@ -471,7 +469,7 @@ async fn stats_never_count_a_host_tree_swapped_in() {
     for i in 0..STATS_VOLUMES {
         let id = &rig.swap_in(i);
         let target = d.path(&format!("pods/{id}"));
-        stage_publish(&mut d.c, id, &target, rwo()).await.unwrap();
+        stage_publish(&mut d.c, id, &target, rwo()).await;
         let call = d.c.node.node_get_volume_stats(stats_req(id, &target));
         let r = bounded("NodeGetVolumeStats", RPC_BOUND, call)
             .await
@@ -620,7 +618,7 @@ async fn damaged_metadata_case(how: &str) {
         create_ok(&mut d.c, dir_volume(id, GIB)).await;
         fs::write(d.pool().join(id).join("data"), id.as_bytes()).unwrap();
         let target = d.path(&format!("pods/{id}"));
-        stage_publish(&mut d.c, id, &target, rwo()).await.unwrap();
+        stage_publish(&mut d.c, id, &target, rwo()).await;
     }
     damage(&d, how, how);
     check_listing(&mut d, &all).await;

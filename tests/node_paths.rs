@@ -65,9 +65,7 @@ async fn unpublish_leaves_a_foreign_or_other_volumes_mount_alone() {
     assert_eq!(fs::read(target.join("marker")).unwrap(), b"foreign");
 
     let b_target = d.path("pods/b");
-    stage_publish(&mut d.c, "b", &b_target, rwo())
-        .await
-        .unwrap();
+    stage_publish(&mut d.c, "b", &b_target, rwo()).await;
     fs::write(b_target.join("mine"), b"b's data").unwrap();
     unpublish(&mut d, "a", &b_target).await.unwrap();
     assert!(
@@ -75,7 +73,7 @@ async fn unpublish_leaves_a_foreign_or_other_volumes_mount_alone() {
         "b's publication was undone by a's unpublish"
     );
     assert_eq!(fs::read(b_target.join("mine")).unwrap(), b"b's data");
-    unpublish_unstage(&mut d.c, "b", &b_target).await.unwrap();
+    unpublish_unstage(&mut d.c, "b", &b_target).await;
     assert!(!is_mount_point(&b_target));
 }
 
@@ -110,7 +108,7 @@ async fn unstage_with_the_wrong_volume_id_leaves_the_staged_volume_alone() {
     create_ok(&mut d.c, image_volume("a", IMAGE_SIZE, "")).await;
     create_ok(&mut d.c, image_volume("b", IMAGE_SIZE, "")).await;
     let target = d.path("pods/a");
-    stage_publish(&mut d.c, "a", &target, rwo()).await.unwrap();
+    stage_publish(&mut d.c, "a", &target, rwo()).await;
     fs::write(target.join("vm-disk"), b"running").unwrap();
     let staging = staging_for(&target);
     let r =
@@ -125,7 +123,7 @@ async fn unstage_with_the_wrong_volume_id_leaves_the_staged_volume_alone() {
     );
     assert_eq!(fs::read(target.join("vm-disk")).unwrap(), b"running");
     assert_eq!(code(&r), Code::Ok, "{r:?}");
-    unpublish_unstage(&mut d.c, "a", &target).await.unwrap();
+    unpublish_unstage(&mut d.c, "a", &target).await;
     assert!(!is_mount_point(&staging));
 }
 
@@ -137,7 +135,7 @@ async fn publish_onto_an_occupied_target_is_refused() {
     create_ok(&mut d.c, dir_volume("a", GIB)).await;
     create_ok(&mut d.c, dir_volume("b", GIB)).await;
     let target = d.path("pods/shared");
-    stage_publish(&mut d.c, "b", &target, rwo()).await.unwrap();
+    stage_publish(&mut d.c, "b", &target, rwo()).await;
     fs::write(target.join("mine"), b"b's data").unwrap();
     let staging = staging_for(&target);
     d.c.node
@@ -174,7 +172,7 @@ async fn publish_through_a_symlinked_parent_is_idempotent() {
     std::os::unix::fs::symlink(&real, d.path("pods")).unwrap();
     let target = d.path("pods/a");
     let resolved = real.join("a");
-    stage_publish(&mut d.c, "a", &target, rwo()).await.unwrap();
+    stage_publish(&mut d.c, "a", &target, rwo()).await;
     assert_eq!(mount_count(&resolved), 1);
     publish(&mut d, "a", &target).await.unwrap();
     assert_eq!(
@@ -182,7 +180,7 @@ async fn publish_through_a_symlinked_parent_is_idempotent() {
         1,
         "the second publish stacked another mount"
     );
-    unpublish_unstage(&mut d.c, "a", &target).await.unwrap();
+    unpublish_unstage(&mut d.c, "a", &target).await;
     assert_eq!(mount_count(&resolved), 0, "unpublish left a mount behind");
 }
 

@@ -1014,69 +1014,48 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Stages (creating the staging directory) and publishes, as kubelet does.
-pub async fn stage_publish(
-    c: &mut Clients,
-    id: &str,
-    target: &Path,
-    cap: VolumeCapability,
-) -> Result<(), tonic::Status> {
+/// Stages (creating the staging directory, as kubelet does) and
+/// publishes; both must succeed.
+pub async fn stage_publish(c: &mut Clients, id: &str, target: &Path, cap: VolumeCapability) {
     let staging = staging_for(target);
     std::fs::create_dir_all(&staging).unwrap();
-    c.node
-        .node_stage_volume(stage_req(id, &staging, cap.clone()))
-        .await?;
-    c.node
-        .node_publish_volume(publish_req(id, target, cap))
-        .await?;
-    Ok(())
+    let r = c
+        .node
+        .node_stage_volume(stage_req(id, &staging, cap.clone()));
+    r.await
+        .unwrap_or_else(|s| panic!("NodeStageVolume {id} at {}: {s:?}", staging.display()));
+    publish_ok(c, id, target, cap).await;
 }
 
-/// NodePublishVolume (with the paired staging path).
-pub async fn publish(
-    c: &mut Clients,
-    id: &str,
-    target: &Path,
-    cap: VolumeCapability,
-) -> Result<(), tonic::Status> {
-    c.node
-        .node_publish_volume(publish_req(id, target, cap))
-        .await
-        .map(drop)
+/// NodePublishVolume (with the paired staging path) that must succeed.
+pub async fn publish_ok(c: &mut Clients, id: &str, target: &Path, cap: VolumeCapability) {
+    let r = c.node.node_publish_volume(publish_req(id, target, cap));
+    r.await
+        .unwrap_or_else(|s| panic!("NodePublishVolume {id} at {}: {s:?}", target.display()));
 }
 
-/// NodeUnpublishVolume.
-pub async fn unpublish(c: &mut Clients, id: &str, target: &Path) -> Result<(), tonic::Status> {
-    c.node
-        .node_unpublish_volume(unpublish_req(id, target))
-        .await
-        .map(drop)
+/// NodeUnpublishVolume that must succeed.
+pub async fn unpublish_ok(c: &mut Clients, id: &str, target: &Path) {
+    let r = c.node.node_unpublish_volume(unpublish_req(id, target));
+    r.await
+        .unwrap_or_else(|s| panic!("NodeUnpublishVolume {id} at {}: {s:?}", target.display()));
 }
 
 /// Stages and publishes `id` as a single-writer Filesystem volume at
 /// `pods/<id>`; returns (staging, target).
 pub async fn mount_rwo(d: &mut Driver, id: &str) -> (PathBuf, PathBuf) {
     let target = d.path(&format!("pods/{id}"));
-    stage_publish(&mut d.c, id, &target, rwo())
-        .await
-        .unwrap_or_else(|s| panic!("stage and publish {id}: {s:?}"));
+    stage_publish(&mut d.c, id, &target, rwo()).await;
     (staging_for(&target), target)
 }
 
-/// Unpublishes and unstages what `stage_publish` did.
-pub async fn unpublish_unstage(
-    c: &mut Clients,
-    id: &str,
-    target: &Path,
-) -> Result<(), tonic::Status> {
-    c.node
-        .node_unpublish_volume(unpublish_req(id, target))
-        .await?;
+/// Unpublishes and unstages what `stage_publish` did; both must succeed.
+pub async fn unpublish_unstage(c: &mut Clients, id: &str, target: &Path) {
+    unpublish_ok(c, id, target).await;
     let staging = staging_for(target);
-    c.node
-        .node_unstage_volume(unstage_req(id, &staging))
-        .await?;
-    Ok(())
+    let r = c.node.node_unstage_volume(unstage_req(id, &staging));
+    r.await
+        .unwrap_or_else(|s| panic!("NodeUnstageVolume {id} at {}: {s:?}", staging.display()));
 }
 
 /// Runs an RPC future with a bound: a hang is a failure, not a stuck test.
