@@ -113,10 +113,6 @@ fn sysfs(n: u32, file: &str) -> String {
         .to_owned()
 }
 
-fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 /// Loop devices below `root` once at most `keep` remain, waiting briefly: a
 /// detach is deferred while anything still has the device open.
 async fn settled_loops_but(root: &Path, keep: usize) -> Vec<PathBuf> {

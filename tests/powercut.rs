@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +16,6 @@ use std::time::Duration;
 
 use common::*;
 use hostpath_csi::client::Clients;
-use hostpath_csi::proto::*;
 
 /// Volumes expanded concurrently when the power is cut mid-storm.
 const STORM_EXPANDS: usize = 24;
@@ -76,18 +74,6 @@ impl Rig {
     }
 }
 
-fn allocated(path: &Path) -> u64 {
-    fs::metadata(path).unwrap().blocks() * 512
-}
-
-fn modify_req(id: &str, pairs: &[(&str, &str)]) -> ControllerModifyVolumeRequest {
-    ControllerModifyVolumeRequest {
-        volume_id: id.into(),
-        mutable_parameters: params(pairs),
-        ..Default::default()
-    }
-}
-
 /// Expand and modify acknowledged just before the cut are all there.
 #[tokio::test]
 async fn acknowledged_expand_and_modify_survive_a_power_cut() {
@@ -143,13 +129,7 @@ async fn acknowledged_snapshots_on_a_separate_filesystem_survive_a_power_cut() {
     let tree_before = fingerprint_rel(&rig.file("tree"));
     snapshot_ok(&mut rig.d.c, "s-blk", "blk").await;
     snapshot_ok(&mut rig.d.c, "s-tree", "tree").await;
-    let group = CreateVolumeGroupSnapshotRequest {
-        name: "g".into(),
-        source_volume_ids: vec!["blk".into(), "tree".into()],
-        ..Default::default()
-    };
-    let g = rig.d.c.group.create_volume_group_snapshot(group).await;
-    let g = g.unwrap().into_inner().group_snapshot.unwrap();
+    let g = group_ok(&mut rig.d.c, "g", &["blk", "tree"]).await;
     let members: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     rig.power_cut().await;
 
@@ -160,11 +140,7 @@ async fn acknowledged_snapshots_on_a_separate_filesystem_survive_a_power_cut() {
     want.extend(members.iter().cloned());
     want.sort();
     assert_eq!(snaps, want, "snapshots after the cut");
-    let get = GetVolumeGroupSnapshotRequest {
-        group_snapshot_id: g.group_snapshot_id.clone(),
-        snapshot_ids: members,
-        ..Default::default()
-    };
+    let get = get_group_req(&g.group_snapshot_id, members);
     let r = c.group.get_volume_group_snapshot(get).await;
     assert!(r.is_ok(), "the acknowledged group snapshot is gone: {r:?}");
     create_ok(c, restore_of(block_volume("r-blk", 64 * MIB), "s-blk")).await;

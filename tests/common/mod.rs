@@ -1138,6 +1138,33 @@ pub fn at_least(size: i64) -> Option<CapacityRange> {
     })
 }
 
+/// CreateVolumeGroupSnapshot of these volumes.
+pub fn group_req(name: &str, ids: &[&str]) -> CreateVolumeGroupSnapshotRequest {
+    CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.iter().map(|i| i.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// GetVolumeGroupSnapshot, naming its members if `members` is not empty.
+pub fn get_group_req(id: &str, members: Vec<String>) -> GetVolumeGroupSnapshotRequest {
+    GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    }
+}
+
+/// DeleteVolumeGroupSnapshot, naming its members if `members` is not empty.
+pub fn delete_group_req(id: &str, members: Vec<String>) -> DeleteVolumeGroupSnapshotRequest {
+    DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    }
+}
+
 /// ControllerExpandVolume to `size` bytes, with the capability if given.
 pub fn grow_req(
     id: &str,
@@ -1208,6 +1235,27 @@ pub async fn snapshot_ok(c: &mut Clients, name: &str, source: &str) -> Snapshot 
         Ok(r) => r.into_inner().snapshot.expect("a snapshot in the response"),
         Err(s) => panic!("CreateSnapshot {name} of {source}: {s:?}"),
     }
+}
+
+/// CreateVolumeGroupSnapshot that must succeed.
+pub async fn group_ok(c: &mut Clients, name: &str, ids: &[&str]) -> VolumeGroupSnapshot {
+    match c
+        .group
+        .create_volume_group_snapshot(group_req(name, ids))
+        .await
+    {
+        Ok(r) => r.into_inner().group_snapshot.expect("a group snapshot"),
+        Err(s) => panic!("CreateVolumeGroupSnapshot {name} of {ids:?}: {s:?}"),
+    }
+}
+
+/// Bytes allocated to a file (its blocks, not its length).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .blocks()
+        * 512
 }
 
 /// The capacity ControllerGetVolume reports.
