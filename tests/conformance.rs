@@ -1156,27 +1156,27 @@ async fn group_controller_argument_rules() {
             .unwrap()
             .into_inner();
     assert_eq!(caps.capabilities.len(), 1);
-    let create = |name: &str, ids: &[&str]| CreateVolumeGroupSnapshotRequest {
-        name: name.into(),
-        source_volume_ids: ids.iter().map(|i| i.to_string()).collect(),
-        ..Default::default()
-    };
     for (what, req, want) in [
-        ("an empty request", create("", &[]), Code::InvalidArgument),
-        ("no source volumes", create("g", &[]), Code::InvalidArgument),
+        (
+            "an empty request",
+            group_req("", &[]),
+            Code::InvalidArgument,
+        ),
+        (
+            "no source volumes",
+            group_req("g", &[]),
+            Code::InvalidArgument,
+        ),
         (
             "an unknown source volume",
-            create("g", &["missing-vol"]),
+            group_req("g", &["missing-vol"]),
             Code::NotFound,
         ),
     ] {
         let r = d.c.group.create_volume_group_snapshot(req).await;
         assert_code(&r, want, what);
     }
-    let get = |id: &str| GetVolumeGroupSnapshotRequest {
-        group_snapshot_id: id.into(),
-        ..Default::default()
-    };
+    let get = |id: &str| get_group_req(id, vec![]);
     for (what, req, want) in [
         ("no id", get(""), Code::InvalidArgument),
         (
@@ -1188,10 +1188,7 @@ async fn group_controller_argument_rules() {
         let r = d.c.group.get_volume_group_snapshot(req).await;
         assert_code(&r, want, what);
     }
-    let delete = |id: &str| DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: id.into(),
-        ..Default::default()
-    };
+    let delete = |id: &str| delete_group_req(id, vec![]);
     for (what, req, want) in [
         ("no id", delete(""), Code::InvalidArgument),
         ("an unknown group snapshot", delete("fake-vol-id"), Code::Ok),
