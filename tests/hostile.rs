@@ -59,14 +59,6 @@ async fn delete_bounded(d: &mut Driver, id: &str) -> Result<(), tonic::Status> {
         .map(|_| ())
 }
 
-#[track_caller]
-fn assert_code(r: &Result<(), tonic::Status>, want: Code, what: &str) {
-    match r {
-        Err(s) if s.code() == want => {}
-        other => panic!("{what}: want {want:?}, got {other:?}"),
-    }
-}
-
 /// A driver whose pool is on its own XFS filesystem (chattr, statvfs).
 async fn driver_on_xfs(size_mib: u64, extra: &[&str]) -> (LoopFs, Driver) {
     let fs = LoopFs::new("xfs", size_mib);
@@ -789,10 +781,7 @@ async fn ephemeral_size_above_the_cap_is_invalid() {
     assert!(listed_ids(&mut d.c).await.is_empty());
     assert_eq!(ephemeral_code(&mut d, "ok", EPHEMERAL_SIZE).await, Code::Ok);
     let target = d.path("pod/ok");
-    d.c.node
-        .node_unpublish_volume(unpublish_req("ok", &target))
-        .await
-        .unwrap();
+    unpublish_ok(&mut d.c, "ok", &target).await;
 }
 
 // ------------------------------------------------------ failed expansion
