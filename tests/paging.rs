@@ -219,11 +219,7 @@ async fn snap_page(
     max: i32,
     token: &str,
 ) -> Result<ListSnapshotsResponse, tonic::Status> {
-    let req = ListSnapshotsRequest {
-        max_entries: max,
-        starting_token: token.into(),
-        ..Default::default()
-    };
+    let req = list_snapshots_req("", "", max, token);
     bounded(
         "ListSnapshots",
         LIST_BOUND,
