@@ -499,9 +499,66 @@ pub fn bound_loop(m: &MountInfo) -> Option<u32> {
         .ok()
 }
 
+/// The loop device whose node a stat describes (the root of a published
+/// Block volume's bind mount).
+pub fn node_of(st: &nix::sys::stat::FileStat) -> Option<u32> {
+    let is_block = st.st_mode & libc::S_IFMT == libc::S_IFBLK;
+    let major = nix::sys::stat::major(st.st_rdev) as u32;
+    (is_block && major == LOOP_MAJOR).then(|| nix::sys::stat::minor(st.st_rdev) as u32)
+}
+
+/// The loop device a mounted filesystem whose root stats as `st` sits on.
+pub fn filesystem_of(st: &nix::sys::stat::FileStat) -> Option<u32> {
+    (nix::sys::stat::major(st.st_dev) as u32 == LOOP_MAJOR)
+        .then(|| nix::sys::stat::minor(st.st_dev) as u32)
+}
+
 /// The loop device a filesystem mount sits on.
 pub fn mounted_loop(m: &MountInfo) -> Option<u32> {
     (m.major == LOOP_MAJOR).then_some(m.minor)
+}
+
+/// Where each loop device's node is bind-mounted (published Block volumes):
+/// read from mountinfo once, then kept by `note_bind` and `drop_bind`, so a
+/// publish or unpublish does not read mountinfo (which costs a millisecond
+/// of kernel time per read with hundreds of mounts).
+static BINDS: Mutex<Option<HashMap<u32, BTreeSet<PathBuf>>>> = Mutex::new(None);
+
+fn with_binds<T>(work: impl FnOnce(&mut HashMap<u32, BTreeSet<PathBuf>>) -> T) -> CoreResult<T> {
+    let mut binds = BINDS.lock().unwrap();
+    if binds.is_none() {
+        let mut map: HashMap<u32, BTreeSet<PathBuf>> = HashMap::new();
+        for m in crate::mount::mounts()? {
+            if let Some(n) = bound_loop(&m) {
+                map.entry(n).or_default().insert(m.mount_point);
+            }
+        }
+        *binds = Some(map);
+    }
+    Ok(work(binds.as_mut().expect("just filled")))
+}
+
+/// Records that device `n`'s node is now bind-mounted at `target`.
+pub fn note_bind(n: u32, target: &Path) -> CoreResult<()> {
+    with_binds(|b| {
+        b.entry(n).or_default().insert(target.to_path_buf());
+    })
+}
+
+/// Records that the bind of device `n` at `target` is gone; true when no
+/// other bind of it is known.
+pub fn drop_bind(n: u32, target: &Path) -> CoreResult<bool> {
+    with_binds(|b| {
+        let Some(set) = b.get_mut(&n) else {
+            return true;
+        };
+        set.remove(target);
+        let unused = set.is_empty();
+        if unused {
+            b.remove(&n);
+        }
+        unused
+    })
 }
 
 /// True when one of `mounts` uses device `n`: a filesystem on it, or its

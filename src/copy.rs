@@ -60,7 +60,12 @@ pub enum Method {
 /// symlink and without opening anything else (a FIFO would block, a device
 /// could act on open). `None` when it is missing or not a regular file.
 pub fn open_regular(path: &Path) -> CoreResult<Option<File>> {
-    open_regular_at(AT_FDCWD, path).context(|| format!("open {}", path.display()))
+    match open_regular_at(AT_FDCWD, path) {
+        Err(Errno::EWOULDBLOCK) => Err(CoreError::Unsettled {
+            what: path.to_path_buf(),
+        }),
+        other => other.context(|| format!("open {}", path.display())),
+    }
 }
 
 /// Copies `src` into the existing file `dst`, replacing its contents.
@@ -183,9 +188,11 @@ fn open_regular_at<P: ?Sized + nix::NixPath>(
 }
 
 /// Opens the regular file behind an O_PATH descriptor for reading.
+/// Non-blocking: a tenant's file lease (F_SETLEASE) makes the open fail
+/// with EWOULDBLOCK instead of stalling the copy for the lease break time.
 fn reopen(handle: &OwnedFd) -> nix::Result<File> {
     let proc = format!("/proc/self/fd/{}", handle.as_raw_fd());
-    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
     // O_NOATIME keeps the source's access times; only the owner or root may ask.
     match nix::fcntl::open(proc.as_str(), flags | OFlag::O_NOATIME, Mode::empty()) {
         Ok(fd) => Ok(File::from(fd)),
@@ -353,8 +360,8 @@ struct Level {
     entries: OwningIter,
     dst: OwnedFd,
     st: FileStat,
-    /// Path below the roots (for messages and hard links).
-    rel: PathBuf,
+    /// Where it is below the roots (for messages and hard links).
+    rel: Rel,
     /// Where the source directory lives: entries elsewhere are mounts.
     place: Place,
 }
@@ -377,6 +384,32 @@ impl Level {
     }
 }
 
+/// A path below the roots as a chain of names shared between levels, so a
+/// deep tree costs one name per level, not one whole path per level.
+#[derive(Clone, Default)]
+struct Rel(Option<std::rc::Rc<(CString, Rel)>>);
+
+impl Rel {
+    fn child(&self, name: &CStr) -> Rel {
+        Rel(Some(std::rc::Rc::new((name.to_owned(), self.clone()))))
+    }
+
+    fn to_path(&self) -> PathBuf {
+        let mut names = Vec::new();
+        let mut at = self;
+        while let Some(node) = &at.0 {
+            names.push(OsStr::from_bytes(node.0.to_bytes()));
+            at = &node.1;
+        }
+        names.iter().rev().collect()
+    }
+}
+
+/// Bytes of paths kept to recreate hard links; past it, further links are
+/// copied as separate files (a tenant's millions of links cannot take
+/// the driver's memory).
+const LINKS_BUDGET: usize = 16 << 20;
+
 /// What an attempt to copy one entry found.
 enum Step {
     /// Copied (or vanished); `Some` is a directory to descend into.
@@ -390,6 +423,8 @@ struct TreeCopy<'a> {
     dst_root: OwnedFd,
     /// First copy of each multiply-linked source inode, below the target root.
     links: HashMap<(u64, u64), PathBuf>,
+    /// Bytes of the paths in `links`.
+    links_bytes: usize,
     progress: Progress<'a>,
     /// Copied (not reflinked) files whose writeback was started, oldest first.
     writeback: VecDeque<(File, PathBuf)>,
@@ -423,6 +458,7 @@ pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
             .try_clone()
             .context(|| format!("dup {}", dst.display()))?,
         links: HashMap::new(),
+        links_bytes: 0,
         progress: Progress::new(src),
         writeback: VecDeque::new(),
     };
@@ -433,13 +469,13 @@ pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
         entries,
         dst: dst_fd,
         st,
-        rel: PathBuf::new(),
+        rel: Rel::default(),
         place,
     }];
     while let Some(top) = stack.last_mut() {
         let next = top
             .next_name()
-            .context(|| format!("list {}", src.join(&top.rel).display()))?;
+            .context(|| format!("list {}", src.join(top.rel.to_path()).display()))?;
         let Some(name) = next else {
             let done = stack.pop().expect("stack is not empty");
             walk.finish_dir(&done)?;
@@ -465,7 +501,7 @@ pub fn copy_tree_contents(src: &Path, dst: &Path) -> CoreResult<()> {
 impl TreeCopy<'_> {
     fn label(&self, parent: &Level, name: &CStr) -> PathBuf {
         self.src_root
-            .join(&parent.rel)
+            .join(parent.rel.to_path())
             .join(OsStr::from_bytes(name.to_bytes()))
     }
 
@@ -529,7 +565,7 @@ impl TreeCopy<'_> {
             entries: Dir::from_fd(src)
                 .context(|| format!("list {}", label()))?
                 .into_iter(),
-            rel: parent.rel.join(OsStr::from_bytes(name.to_bytes())),
+            rel: parent.rel.child(name),
             dst,
             st,
             place,
@@ -558,7 +594,7 @@ impl TreeCopy<'_> {
         if !is_kind(&st, SFlag::S_IFREG) {
             return Ok(Step::Changed);
         }
-        let rel = parent.rel.join(OsStr::from_bytes(name.to_bytes()));
+        let rel = parent.rel.child(name).to_path();
         if st.st_nlink > 1 {
             let key = (st.st_dev, st.st_ino);
             if let Some(first) = self.links.get(&key) {
@@ -566,9 +602,17 @@ impl TreeCopy<'_> {
                     .context(|| format!("link copy of {}", label.display()))?;
                 return Ok(Step::Done(None));
             }
-            self.links.insert(key, rel.clone());
+            if self.links_bytes + rel.as_os_str().len() <= LINKS_BUDGET {
+                self.links_bytes += rel.as_os_str().len();
+                self.links.insert(key, rel.clone());
+            }
         }
-        let from = reopen(&handle).context(|| format!("open {}", label.display()))?;
+        let from = match reopen(&handle) {
+            Ok(f) => f,
+            // Leased by its owner: the copy cannot be consistent now.
+            Err(Errno::EWOULDBLOCK) => return Err(CoreError::Unsettled { what: label }),
+            Err(e) => return Err(CoreError::io(format!("open {}", label.display()), e.into())),
+        };
         let to = openat(
             &parent.dst,
             name,
@@ -628,7 +672,7 @@ impl TreeCopy<'_> {
 
     /// A directory's attributes go on after its entries (they change its mtime).
     fn finish_dir(&self, level: &Level) -> CoreResult<()> {
-        let label = self.src_root.join(&level.rel);
+        let label = self.src_root.join(level.rel.to_path());
         apply_to_fd(level.src(), level.dst.as_fd(), &level.st, &label)
     }
 }

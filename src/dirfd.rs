@@ -226,6 +226,23 @@ pub enum ReadError {
 
 use std::io::Read as _;
 
+/// This process among all that ever served the node's pools: names of
+/// temporary entries carry it, so recovery removes only those of earlier
+/// processes (a PID alone repeats: it is 1 in every container).
+pub fn instance_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{:x}{:x}", std::process::id(), nanos)
+    })
+}
+
+/// Marks the names of temporary files `write_durably` makes.
+pub const TEMP_SUFFIX: &str = ".tmp";
+
 /// Writes `bytes` to `name` in `dir` so that after a crash the file is
 /// either its old or its new self, and the new one is on disk when this
 /// returns: temp file, fsync, rename over, fsync of the directory.
@@ -233,8 +250,8 @@ pub fn write_durably(dir: BorrowedFd, name: &str, bytes: &[u8]) -> nix::Result<(
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let tmp = format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
+        ".{name}.{}.{}{TEMP_SUFFIX}",
+        instance_tag(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
     let fd = openat(

@@ -88,6 +88,43 @@ pub fn mounts() -> CoreResult<Vec<MountInfo>> {
     Ok(parse_mountinfo(&text))
 }
 
+/// What is mounted at `path`, from the kernel without reading mountinfo:
+/// `None` when `path` is no mount point, else the stat of the topmost
+/// mount's root (a directory's device and inode, or a device node).
+pub fn mounted_at(path: &Path) -> CoreResult<Option<nix::sys::stat::FileStat>> {
+    if !is_mount_point(path)? {
+        return Ok(None);
+    }
+    match nix::sys::stat::fstatat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => Ok(Some(st)),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(CoreError::io(format!("stat {}", path.display()), e.into())),
+    }
+}
+
+/// The options of the mount at `path` that a publish compares (`ro`,
+/// `nosuid`, ...), from statvfs.
+pub fn visible_options(path: &Path) -> CoreResult<Vec<&'static str>> {
+    use nix::sys::statvfs::FsFlags;
+    let st = nix::sys::statvfs::statvfs(path).context(|| format!("statvfs {}", path.display()))?;
+    let f = st.flags();
+    Ok([
+        (FsFlags::ST_RDONLY, "ro"),
+        (FsFlags::ST_NOSUID, "nosuid"),
+        (FsFlags::ST_NODEV, "nodev"),
+        (FsFlags::ST_NOEXEC, "noexec"),
+        (FsFlags::ST_NOATIME, "noatime"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| f.contains(*flag))
+    .map(|(_, name)| name)
+    .collect())
+}
+
 /// The topmost mount at exactly `path` among `mounts`, if any.
 pub fn topmost<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
     mounts.iter().rev().find(|m| m.mount_point == path)

@@ -56,6 +56,9 @@ pub struct PoolDirs {
     pub reflink: bool,
     /// The snapshot directory is on the pool's own filesystem.
     snapshots_on_pool: bool,
+    /// One fsync of a file also commits every earlier rename in the
+    /// filesystem (XFS's and ext4's journals do; btrfs's log does not).
+    pub ordered_journal: bool,
 }
 
 /// Work to run when a pool becomes ready (sweeping what a crash left).
@@ -93,10 +96,19 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// Where a doomed entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Area {
+    /// The private area itself (a previous run's temp area).
+    Private,
+    Tmp,
+    Snapshots,
+}
+
 /// An entry to remove in the background: `name` inside `dir`.
 struct Doomed {
     dir: Arc<PoolDirs>,
-    in_private: bool,
+    area: Area,
     name: String,
 }
 
@@ -239,7 +251,9 @@ impl Pool {
         let snap_dev = nix::sys::stat::fstat(&snapshots)
             .map(|s| s.st_dev)
             .unwrap_or(0);
+        let fs = crate::mount::fs_type_of(&self.root).unwrap_or_default();
         Ok(PoolDirs {
+            ordered_journal: matches!(fs.as_str(), "xfs" | "ext4"),
             reflink: probe_reflink(tmp.as_fd()),
             snapshots_on_pool: snap_dev == st.st_dev,
             root,
@@ -282,7 +296,7 @@ impl Pool {
         for name in trash_entries(dirs.private.as_fd(), &self.node_tag) {
             let _ = sender.send(Doomed {
                 dir: dirs.clone(),
-                in_private: true,
+                area: Area::Private,
                 name,
             });
         }
@@ -290,10 +304,19 @@ impl Pool {
 
     /// Removes `name` from the temp area in the background.
     pub fn discard(&self, dirs: &Arc<PoolDirs>, name: String) {
+        self.send_doomed(dirs, Area::Tmp, name);
+    }
+
+    /// Removes `name` from the snapshot area in the background.
+    pub fn discard_snapshot(&self, dirs: &Arc<PoolDirs>, name: String) {
+        self.send_doomed(dirs, Area::Snapshots, name);
+    }
+
+    fn send_doomed(&self, dirs: &Arc<PoolDirs>, area: Area, name: String) {
         if let Some(tx) = self.reaper.lock().unwrap().as_ref() {
             let _ = tx.send(Doomed {
                 dir: dirs.clone(),
-                in_private: false,
+                area,
                 name,
             });
         }
@@ -379,6 +402,11 @@ impl Pool {
 
     pub fn snapshot_dir(&self) -> &Path {
         &self.snapshot_path
+    }
+
+    /// Suffix of this node's names in areas a shared pool's nodes share.
+    pub fn node_tag(&self) -> &str {
+        &self.node_tag
     }
 
     /// A fresh name in the temp area, unique within this process and run.
@@ -586,20 +614,18 @@ fn reap(pool: &str, jobs: mpsc::Receiver<Doomed>, unremovable: &AtomicU64) {
 
 /// One attempt at removing a doomed entry; true when it is gone.
 fn reap_one(pool: &str, job: &Doomed, first: bool) -> bool {
-    if job.in_private && first {
+    if job.area == Area::Private && first {
         log_leftovers(pool, job.dir.private.as_fd(), &job.name);
     }
-    let dir = if job.in_private {
-        &job.dir.private
-    } else {
-        &job.dir.tmp
+    let (dir, area) = match job.area {
+        Area::Private => (&job.dir.private, ""),
+        Area::Tmp => (&job.dir.tmp, "tmp"),
+        Area::Snapshots => (&job.dir.snapshots, "snapshots"),
     };
     let Ok(name) = CString::new(job.name.as_str()) else {
         return true;
     };
-    let label = Path::new(PRIVATE_DIR)
-        .join(if job.in_private { "" } else { "tmp" })
-        .join(&job.name);
+    let label = Path::new(PRIVATE_DIR).join(area).join(&job.name);
     match crate::tree::remove(dir.as_fd(), &name, &label) {
         Ok(()) => {
             tracing::debug!(pool, entry = %label.display(), "removed");

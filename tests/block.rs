@@ -1030,13 +1030,18 @@ async fn stats_and_condition_of_block_volumes() {
                 .into_inner();
         let cond = r.volume_condition.unwrap();
         assert!(cond.abnormal, "{cond:?}");
-        // Unpublish must not detach a device that is not this volume's.
+        // Unpublish must neither detach nor unmount a device that now
+        // backs another file: it may be someone else's publication.
         unpublish_ok(&mut d.c, "pvc-st", &t).await;
         assert_eq!(loops_under(d.dir.path()), vec![other.clone()]);
+        assert_eq!(mounts_under(&t), vec![t.clone()], "the bind was undone");
         let _ = std::process::Command::new("losetup")
             .arg("-d")
             .arg(format!("/dev/loop{n}"))
             .status();
+        // Detached, the bind holds nothing: the retried unpublish undoes it.
+        let _ = settled_loops(d.dir.path()).await;
+        unpublish_ok(&mut d.c, "pvc-st", &t).await;
     } else {
         // Someone else took loop{n} first.
         unpublish_ok(&mut d.c, "pvc-st", &t).await;

@@ -52,7 +52,7 @@ impl Default for Lanes {
         Lanes {
             quick: Semaphore::new(16),
             heavy: Semaphore::new(6),
-            stats: Semaphore::new(2),
+            stats: Semaphore::new(4),
         }
     }
 }

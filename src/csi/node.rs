@@ -138,7 +138,8 @@ impl Node for CsiService {
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        self.run("NodeStageVolume", &id, Lane::Quick, move |core| {
+        // Staging an image volume may run e2fsck and resize2fs.
+        self.run("NodeStageVolume", &id, Lane::Heavy, move |core| {
             stage(core, req)
         })
         .await

@@ -271,7 +271,10 @@ impl Core {
         staged: &str,
     ) -> CoreResult<()> {
         use std::os::fd::AsFd;
-        let fast = meta.layout.holds_no_data(meta);
+        // The one-flush path relies on the journal ordering the renames
+        // before the flushed file (XFS, ext4); elsewhere (btrfs) the pool
+        // root is synced too.
+        let fast = meta.layout.holds_no_data(meta) && dirs.ordered_journal;
         let placed = (|| {
             if fast {
                 meta::write_new(dirs, meta)?;

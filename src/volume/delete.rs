@@ -23,7 +23,8 @@ impl Core {
         validate_name("volume_id", id)?;
         let _guard = self.guards.acquire(Object::Volume, id, Access::Write)?;
         let Some(vol) = self.find_volume(id)? else {
-            return Ok(());
+            // Gone, unless it is in a pool that is not ready yet.
+            return self.not_ready_pool(id).map_or(Ok(()), Err);
         };
         let pool = self.pool_of(&vol)?;
         let dirs = pool.dirs()?;
@@ -55,13 +56,12 @@ impl Core {
     fn check_unused(&self, vol: &Volume) -> CoreResult<()> {
         // A file volume's devices first: a refusal names the device.
         if vol.layout().is_file() {
+            // Devices someone else attached since the index was built count too.
+            crate::block::rescan();
             vol.layout().release(vol, DELETE_DETACH_WAIT, true)?;
         }
         let mounts = mount::mounts()?;
-        if let Some(m) = mounts
-            .iter()
-            .find(|m| vol.layout().owns_mount(vol, m, &mounts))
-        {
+        if let Some(m) = vol.layout().mounts_of(vol, &mounts).first() {
             return Err(CoreError::VolumeInUse {
                 id: vol.id().to_owned(),
                 by: format!("published or staged at {}", m.mount_point.display()),

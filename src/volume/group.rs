@@ -47,8 +47,15 @@ struct PendingGroup {
     id: String,
     /// Mount points this driver froze (or was about to freeze).
     frozen: Vec<PathBuf>,
+    /// The device of each frozen filesystem, so recovery never thaws what
+    /// is mounted there now if it is another filesystem.
+    #[serde(default)]
+    frozen_devs: Vec<u64>,
     /// Snapshot directories of the members.
     members: Vec<PathBuf>,
+    /// The process that took the group (see `dirfd::instance_tag`).
+    #[serde(default)]
+    instance: String,
 }
 
 fn member_id(group: &str, index: usize) -> String {
@@ -181,7 +188,9 @@ impl Core {
         let groups = self.groups_dir()?;
         let mut pending = PendingGroup {
             id: name.to_owned(),
+            instance: crate::dirfd::instance_tag().to_owned(),
             frozen: Vec::new(),
+            frozen_devs: Vec::new(),
             members: members
                 .iter()
                 .filter_map(|m| self.member_dir(&m.source, &m.id).ok())
@@ -349,6 +358,16 @@ impl Core {
                 &taken,
             ));
         }
+        // What was reflinked under the freeze is made durable now, thawed.
+        for m in members.iter().filter(|m| m.mounted_at.is_some()) {
+            let synced = self.get_volume(&m.source).and_then(|vol| {
+                let pool = self.pool_of(&vol)?;
+                pool.sync_snapshots(&*pool.dirs()?)
+            });
+            if let Err(e) = synced {
+                return Err(fail(e, &taken));
+            }
+        }
         // Members in the order of the sources.
         taken.sort_by_key(|s| members.iter().position(|m| m.id == s.meta.id));
         Ok((taken, taken_at))
@@ -391,37 +410,72 @@ impl Core {
     }
 }
 
-/// Undoes the group snapshots a previous run left pending: thaws what it
-/// froze (only that) and removes the members it took.
-pub fn recover(core: &Core) {
+/// The journals earlier processes left (never this process's: they may be
+/// in flight).
+fn leftover_journals(core: &Core) -> Vec<(std::os::fd::OwnedFd, String, PendingGroup)> {
     let Ok(dirs) = core.default_pool().dirs() else {
-        return;
+        return Vec::new();
     };
+    let mut out = Vec::new();
     let Ok(groups) = crate::dirfd::open_dir_at(dirs.snapshots.as_fd(), GROUPS) else {
-        return;
+        return out;
     };
-    let journals: Vec<String> = crate::dirfd::entry_names(groups.as_fd())
-        .into_iter()
-        .filter(|n| n.starts_with(PENDING_PREFIX))
-        .collect();
-    for name in journals {
-        let pending = match meta::read_at::<PendingGroup>(groups.as_fd(), &name) {
-            Found::Present(p) => p,
-            Found::Absent => continue,
+    for name in crate::dirfd::entry_names(groups.as_fd()) {
+        if !name.starts_with(PENDING_PREFIX) {
+            continue;
+        }
+        match meta::read_at::<PendingGroup>(groups.as_fd(), &name) {
+            Found::Present(p) if p.instance == crate::dirfd::instance_tag() => {}
+            Found::Present(p) => {
+                if let Ok(fd) = groups.try_clone() {
+                    out.push((fd, name, p));
+                }
+            }
+            Found::Absent => {}
             Found::Damaged(why) => {
                 tracing::warn!(journal = %name, "unreadable group journal removed ({why})");
                 let _ = crate::dirfd::remove_durably(groups.as_fd(), &name);
-                continue;
-            }
-        };
-        for mount_point in &pending.frozen {
-            // EINVAL: not frozen (the freeze never happened, or was undone).
-            if let Ok(dir) = std::fs::File::open(mount_point) {
-                if freeze::thaw(&dir).is_ok() {
-                    tracing::warn!(mount = %mount_point.display(), group = %pending.id, "thawed a filesystem an interrupted group snapshot left frozen");
-                }
             }
         }
+    }
+    out
+}
+
+/// Thaws what an interrupted group snapshot left frozen: only filesystems
+/// this driver froze, and only if the one mounted there now is the one it
+/// froze. Runs before the driver serves: a frozen VM must not wait.
+pub fn thaw_leftovers(core: &Core) {
+    for (_, _, pending) in leftover_journals(core) {
+        for (i, mount_point) in pending.frozen.iter().enumerate() {
+            let Ok(dir) = std::fs::File::open(mount_point) else {
+                continue;
+            };
+            let dev = dir
+                .metadata()
+                .map(|st| std::os::unix::fs::MetadataExt::dev(&st))
+                .unwrap_or(0);
+            if pending.frozen_devs.get(i).is_some_and(|d| *d != dev) {
+                tracing::warn!(mount = %mount_point.display(), group = %pending.id, "not thawed: another filesystem is mounted there now");
+                continue;
+            }
+            // EINVAL: not frozen (the freeze never happened, or was undone).
+            if freeze::thaw(&dir).is_ok() {
+                tracing::warn!(mount = %mount_point.display(), group = %pending.id, "thawed a filesystem an interrupted group snapshot left frozen");
+            }
+        }
+    }
+}
+
+/// Undoes the group snapshots earlier processes left pending: removes the
+/// members they took, under the group's guard (a retry may be running).
+pub fn recover(core: &Core) {
+    for (groups, name, pending) in leftover_journals(core) {
+        let Ok(_guard) = core
+            .guards
+            .acquire(Object::GroupSnapshot, &pending.id, Access::Write)
+        else {
+            continue;
+        };
         if !core.group_exists(&pending.id) {
             for dir in &pending.members {
                 let Some(member) = dir.file_name().and_then(|n| n.to_str()) else {

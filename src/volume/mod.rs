@@ -131,6 +131,7 @@ impl Core {
             index: registry::Index::default(),
             snapshot_index: registry::Index::default(),
         });
+        group::thaw_leftovers(&core);
         recovery::install(&core);
         Ok(core)
     }

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::mount::MsFlags;
+use nix::sys::stat::FileStat;
 
 use super::guard::Access;
 use super::{params, Core, CreateParams, CreateRequest, Layout, Volume, VolumeMode};
 use crate::error::{CoreError, CoreResult, IoContext, Object};
 use crate::fstools::ImageFs;
-use crate::mount::{self, MountInfo};
+use crate::mount;
 use crate::names::validate_name;
 
 /// How long unpublish and unstage wait for a deferred loop detach: short,
@@ -112,9 +113,10 @@ impl Core {
     /// Where the volume is mounted now (publish targets and staging paths).
     pub fn publications(&self, vol: &Volume) -> CoreResult<Vec<PathBuf>> {
         let mounts = mount::mounts()?;
-        Ok(mounts
-            .iter()
-            .filter(|m| vol.layout().owns_mount(vol, m, &mounts))
+        Ok(vol
+            .layout()
+            .mounts_of(vol, &mounts)
+            .into_iter()
             .map(|m| m.mount_point.clone())
             .collect())
     }
@@ -127,14 +129,13 @@ impl Core {
             .acquire(Object::Volume, &req.volume_id, Access::Node)?;
         let vol = self.get_volume(&req.volume_id)?;
         check_access_type(&vol, req.mode)?;
-        let mounts = mount::mounts()?;
-        if let Some(m) = mount::topmost(&mounts, &staging) {
-            if vol.layout().owns_mount(&vol, m, &mounts) {
+        if let Some(root) = mount::mounted_at(&staging)? {
+            if vol.layout().owns_target(&vol, &root) {
                 return Ok(());
             }
             return Err(CoreError::ForeignContent {
                 path: staging,
-                what: format!("another mount ({} from {})", m.fs_type, m.source),
+                what: "another mount".into(),
             });
         }
         let req = StageRequest {
@@ -153,37 +154,33 @@ impl Core {
         let Some(vol) = self.find_volume(id)? else {
             return Ok(());
         };
-        let unmounted = self.unmount_own(&vol, &staging)?;
-        vol.layout().release(&vol, DETACH_WAIT, false)?;
-        if unmounted {
+        if !self.unmount_own(&vol, &staging)?.is_empty() {
+            vol.layout().release(&vol, DETACH_WAIT, false)?;
             tracing::info!(volume = id, staging = %staging.display(), "volume unstaged");
         }
         Ok(())
     }
 
     /// Unmounts every mount of `vol` stacked at `path`, stopping at the
-    /// first that is not this volume's. True when something was unmounted.
-    fn unmount_own(&self, vol: &Volume, path: &Path) -> CoreResult<bool> {
-        let mut unmounted = false;
+    /// first that is not this volume's; returns the roots unmounted. Asks
+    /// the kernel about `path` alone, never reading all of mountinfo.
+    fn unmount_own(&self, vol: &Volume, path: &Path) -> CoreResult<Vec<FileStat>> {
+        let mut unmounted = Vec::new();
         for _ in 0..64 {
-            if !mount::is_mount_point(path)? {
-                break;
-            }
-            let mounts = mount::mounts()?;
-            let Some(m) = mount::topmost(&mounts, path) else {
+            let Some(root) = mount::mounted_at(path)? else {
                 break;
             };
-            // A Block publication whose loop device was lost is still ours.
-            let ours = vol.layout().owns_mount(vol, m, &mounts)
-                || vol.layout().lost_publication(vol, m).is_some();
+            // A Block publication whose loop device was detached holds
+            // nothing any more: undoing it is safe.
+            let ours = vol.layout().owns_target(vol, &root) || vol.layout().orphaned(&root);
             if !ours {
-                if !unmounted {
-                    tracing::info!(volume = vol.id(), path = %path.display(), fs = %m.fs_type, source = %m.source, "left alone: the mount there is not this volume's");
+                if unmounted.is_empty() {
+                    tracing::info!(volume = vol.id(), path = %path.display(), "left alone: the mount there is not this volume's");
                 }
                 break;
             }
             mount::unmount(path)?;
-            unmounted = true;
+            unmounted.push(root);
         }
         Ok(unmounted)
     }
@@ -226,20 +223,19 @@ impl Core {
         if req.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        let mounts = mount::mounts()?;
-        if let Some(existing) = mount::topmost(&mounts, &req.target) {
-            return same_publication(&vol, existing, &mounts, &req, flags);
+        if let Some(root) = mount::mounted_at(&req.target)? {
+            return same_publication(&vol, &root, &req, flags);
         }
         if req.single_writer {
             let staging = req.staging.as_deref();
-            let elsewhere = mounts
-                .iter()
-                .filter(|m| vol.layout().owns_mount(&vol, m, &mounts))
-                .find(|m| m.mount_point != req.target && Some(m.mount_point.as_path()) != staging);
-            if let Some(m) = elsewhere {
+            let elsewhere = self
+                .publications(&vol)?
+                .into_iter()
+                .find(|p| *p != req.target && Some(p.as_path()) != staging);
+            if let Some(at) = elsewhere {
                 return Err(CoreError::SingleWriterTaken {
                     id: req.volume_id.clone(),
-                    at: m.mount_point.clone(),
+                    at,
                 });
             }
         }
@@ -266,8 +262,14 @@ impl Core {
         let vol = self.find_volume(id)?;
         let mut unmounted = false;
         if let Some(vol) = &vol {
-            unmounted = self.unmount_own(vol, &target)?;
-            vol.layout().release(vol, DETACH_WAIT, false)?;
+            for root in self.unmount_own(vol, &target)? {
+                vol.layout().after_unpublish(vol, &target, &root)?;
+                unmounted = true;
+            }
+            if !unmounted && vol.layout().is_file() && !vol.layout().holds_filesystem() {
+                // A retry after a crash: release what it may have left attached.
+                vol.layout().release(vol, DETACH_WAIT, false)?;
+            }
         }
         if !mount::is_mount_point(&target)? {
             remove_if_empty(&target)?;
@@ -304,6 +306,8 @@ impl Core {
                 .ok_or_else(|| CoreError::invalid("volume attribute size", q, "not a quantity"))?,
             None => cap,
         };
+        // Zero asks for nothing in particular: the cap, not an unbounded default.
+        let size = if size == 0 { cap } else { size };
         if size > cap {
             return Err(CoreError::invalid(
                 "volume attribute size",
@@ -392,34 +396,29 @@ fn check_access_type(vol: &Volume, mode: VolumeMode) -> CoreResult<()> {
     Ok(())
 }
 
-/// A publish at a target that already holds a mount: the same publication
-/// again is OK; this volume with other options is ALREADY_EXISTS; anything
-/// else is not ours to cover.
+/// A publish at a target that already holds a mount (whose root stats as
+/// `root`): the same publication again is OK; this volume with other
+/// options is ALREADY_EXISTS; anything else is not ours to cover.
 fn same_publication(
     vol: &Volume,
-    existing: &MountInfo,
-    mounts: &[MountInfo],
+    root: &FileStat,
     req: &PublishRequest,
     flags: MsFlags,
 ) -> CoreResult<()> {
-    if !vol.layout().owns_mount(vol, existing, mounts) {
+    if !vol.layout().owns_target(vol, root) {
         return Err(CoreError::ForeignContent {
             path: req.target.clone(),
-            what: format!(
-                "another mount ({} from {})",
-                existing.fs_type, existing.source
-            ),
+            what: "another mount".into(),
         });
     }
-    let same = mount::flags_visible(flags)
-        .iter()
-        .all(|o| existing.options.iter().any(|h| h == o))
-        && existing.read_only() == flags.contains(MsFlags::MS_RDONLY);
+    let have = mount::visible_options(&req.target)?;
+    let same = mount::flags_visible(flags).iter().all(|o| have.contains(o))
+        && have.contains(&"ro") == flags.contains(MsFlags::MS_RDONLY);
     if !same {
         return Err(CoreError::PublishedDifferently {
             id: req.volume_id.clone(),
             path: req.target.clone(),
-            have: existing.options.join(","),
+            have: have.join(","),
         });
     }
     Ok(())

@@ -50,12 +50,19 @@ fn recover_pool(core: &Core, index: usize) {
     let mut damaged = 0u64;
     for name in crate::dirfd::entry_names(dirs.meta.as_fd()) {
         if name.starts_with('.') {
-            // A temp file of an interrupted metadata write.
-            let _ = nix::unistd::unlinkat(
-                dirs.meta.as_fd(),
-                name.as_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
+            // A temp file of an earlier process's interrupted metadata write
+            // (never this one's, which may be in flight; in a shared pool,
+            // other nodes' are theirs to sweep).
+            let earlier = name.ends_with(crate::dirfd::TEMP_SUFFIX)
+                && !name.contains(crate::dirfd::instance_tag())
+                && !pool.shared;
+            if earlier {
+                let _ = nix::unistd::unlinkat(
+                    dirs.meta.as_fd(),
+                    name.as_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+            }
             continue;
         }
         let Some(id) = name.strip_suffix(".json").filter(|id| is_valid_name(id)) else {
@@ -81,9 +88,14 @@ fn recover_volume(pool: &Pool, id: &str) -> bool {
     let path = pool.volume_path(id);
     let st = match fs::symlink_metadata(&path) {
         Ok(st) => st,
-        Err(_) => {
+        // In a shared pool another node may be creating it right now.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !pool.shared => {
             tracing::info!(pool = %pool.name, volume = id, "removing metadata of a volume that was never completed or was deleted");
             let _ = meta::remove(&dirs, id);
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(pool = %pool.name, volume = id, error = %e, "metadata kept: its volume cannot be looked at");
             return false;
         }
     };

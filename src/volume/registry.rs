@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use super::meta::{self, Found};
 use super::{token, Core, Volume, VolumeMeta};
 use crate::error::{CoreError, CoreResult, Object};
+use crate::fstools::ImageFs;
 use crate::names::{is_valid_name, validate_name};
 use crate::pool::Pool;
 
@@ -114,6 +115,26 @@ pub fn next_token(more: bool, last: Option<&str>) -> String {
     }
 }
 
+/// With its metadata damaged, a file that holds an XFS or ext4 superblock
+/// is taken for an image volume (so its mounts are still recognised and
+/// undone); anything else stays what its file type says.
+fn inferred_from_content(mut meta: VolumeMeta, path: &std::path::Path) -> VolumeMeta {
+    if !meta.layout.is_file() {
+        return meta;
+    }
+    for fs in [ImageFs::Xfs, ImageFs::Ext4] {
+        if matches!(fs.size_on(path), Ok(Some(_))) {
+            if let Some(image) = super::Layout::named("image") {
+                meta.layout = image;
+                meta.mode = image.mode();
+                meta.fs_type = Some(fs);
+            }
+            break;
+        }
+    }
+    meta
+}
+
 impl Core {
     /// Looks a volume up in one pool. Symlinks and odd file types are not
     /// volumes; a volume whose metadata is damaged is still one (reported
@@ -150,7 +171,7 @@ impl Core {
             ),
             Found::Absent => (inferred(), true, None),
             Found::Damaged(why) => (
-                inferred(),
+                inferred_from_content(inferred(), &path),
                 true,
                 Some(format!("its metadata file is damaged: {why}")),
             ),
@@ -180,10 +201,27 @@ impl Core {
         Ok(None)
     }
 
-    /// Like `find_volume`, but a missing volume is NOT_FOUND.
+    /// Like `find_volume`, but a missing volume is NOT_FOUND, or
+    /// UNAVAILABLE while a pool that may hold it is not ready.
     pub fn get_volume(&self, id: &str) -> CoreResult<Volume> {
-        self.find_volume(id)?
-            .ok_or_else(|| CoreError::missing(Object::Volume, id, &self.node_id))
+        match self.find_volume(id)? {
+            Some(v) => Ok(v),
+            None => Err(self
+                .not_ready_pool(id)
+                .unwrap_or_else(|| CoreError::missing(Object::Volume, id, &self.node_id))),
+        }
+    }
+
+    /// UNAVAILABLE for `id` when some pool is not ready (waiting for its
+    /// mount): the volume may be in it, so "not found" would be a guess.
+    pub fn not_ready_pool(&self, id: &str) -> Option<CoreError> {
+        self.pools()
+            .iter()
+            .find(|p| !p.is_initialized())
+            .map(|p| CoreError::PoolUnavailable {
+                pool: p.name.clone(),
+                why: format!("it is not ready, and volume {id} may be in it"),
+            })
     }
 
     pub fn pool_of(&self, vol: &Volume) -> CoreResult<&Pool> {

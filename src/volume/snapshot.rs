@@ -202,7 +202,7 @@ impl Core {
             // Under a group's freeze the filesystem is already flushed.
             vol.layout().settle(&vol);
         }
-        let staging = format!("{STAGING_PREFIX}{name}.{}", std::process::id());
+        let staging = staging_name(pool, name, "new");
         remove_in_snapshots(pool, &staging);
         let built = (|| {
             nix::sys::stat::mkdirat(
@@ -223,7 +223,11 @@ impl Core {
                 }
             }
             meta::write_at(staged.as_fd(), META, &snap_meta)?;
-            pool.sync_snapshots(&dirs)?;
+            // Under a group's freeze the reflinks are made durable after the
+            // thaw (the group syncs before it answers): no flush in the window.
+            if take == Take::Copy {
+                pool.sync_snapshots(&dirs)?;
+            }
             nix::fcntl::renameat(
                 dirs.snapshots.as_fd(),
                 staging.as_str(),
@@ -271,7 +275,7 @@ impl Core {
             }
             // Aside in the snapshot directory (a crash leaves a name that
             // start-up sweeps), durably, then removed.
-            let doomed = format!("{STAGING_PREFIX}{id}.delete.{}", std::process::id());
+            let doomed = staging_name(pool, id, "delete");
             remove_in_snapshots(pool, &doomed);
             nix::fcntl::renameat(
                 dirs.snapshots.as_fd(),
@@ -282,7 +286,7 @@ impl Core {
             .context(|| format!("move snapshot {id} aside"))?;
             nix::unistd::fsync(dirs.snapshots.as_fd())
                 .context(|| "flush the snapshot directory".into())?;
-            remove_in_snapshots(pool, &doomed);
+            pool.discard_snapshot(&dirs, doomed);
             tracing::info!(snapshot = id, pool = %pool.name, "snapshot deleted");
         }
         self.snapshot_index.remove(id);
@@ -360,6 +364,29 @@ impl Core {
     }
 }
 
+/// The name of a snapshot being built or deleted by this process: start-up
+/// recovery removes those of earlier processes only, and in a shared pool
+/// only this node's.
+fn staging_name(pool: &Pool, id: &str, purpose: &str) -> String {
+    format!(
+        "{STAGING_PREFIX}{id}.{purpose}{}@{}",
+        pool.node_tag(),
+        dirfd::instance_tag()
+    )
+}
+
+/// Whether a staging entry was left by an earlier process of this node.
+fn left_by_earlier_run(pool: &Pool, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(STAGING_PREFIX) else {
+        return false;
+    };
+    let Some((head, instance)) = rest.rsplit_once('@') else {
+        // Named by an older version of this driver: no instance at all.
+        return pool.node_tag().is_empty();
+    };
+    instance != dirfd::instance_tag() && head.ends_with(pool.node_tag())
+}
+
 /// Removes an entry of the snapshot directory (a staging or doomed copy).
 fn remove_in_snapshots(pool: &Pool, name: &str) {
     let Ok(dirs) = pool.dirs() else { return };
@@ -382,7 +409,7 @@ pub fn recover(_core: &Core, pool: &Pool) {
     let Ok(dirs) = pool.dirs() else { return };
     let leftovers: Vec<String> = dirfd::entry_names(dirs.snapshots.as_fd())
         .into_iter()
-        .filter(|n| n.starts_with(STAGING_PREFIX))
+        .filter(|n| left_by_earlier_run(pool, n))
         .collect();
     for name in leftovers {
         tracing::info!(pool = %pool.name, entry = %name, "removing half-built snapshot");

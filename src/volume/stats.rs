@@ -24,7 +24,8 @@ const CACHE_TTL: Duration = Duration::from_secs(10);
 const WAIT_FOR_WALK: Duration = Duration::from_secs(60);
 
 enum Entry {
-    Walking,
+    /// A walk is running; the last result, if any, is served meanwhile.
+    Walking(Option<TreeUsage>),
     Done(Instant, TreeUsage),
 }
 
@@ -40,20 +41,24 @@ impl StatsCache {
         let id = vol.id();
         let deadline = Instant::now() + WAIT_FOR_WALK;
         let mut entries = self.entries.lock().unwrap();
-        loop {
+        let last = loop {
             match entries.get(id) {
                 Some(Entry::Done(at, u)) if at.elapsed() < CACHE_TTL => return Ok(*u),
-                Some(Entry::Walking) if Instant::now() < deadline => {
+                // Another caller is walking: its previous result will do,
+                // rather than holding a lane while a huge tree is walked.
+                Some(Entry::Walking(Some(u))) => return Ok(*u),
+                Some(Entry::Walking(None)) if Instant::now() < deadline => {
                     entries = self
                         .walked
                         .wait_timeout(entries, Duration::from_secs(1))
                         .unwrap()
                         .0;
                 }
-                _ => break,
+                Some(Entry::Done(_, u)) => break Some(*u),
+                _ => break None,
             }
-        }
-        entries.insert(id.to_owned(), Entry::Walking);
+        };
+        entries.insert(id.to_owned(), Entry::Walking(last));
         drop(entries);
         let walked =
             tree::usage_at(&vol.path).context(|| format!("measure {}", vol.path.display()));
@@ -87,17 +92,16 @@ impl Core {
         if std::fs::symlink_metadata(&path).is_err() {
             return Err(not_here());
         }
-        let mounts = mount::mounts()?;
-        let Some(m) = mount::topmost(&mounts, &path) else {
+        let Some(root) = mount::mounted_at(&path)? else {
             return Err(not_here());
         };
         let problem = self.volume_problem(&vol);
-        if !vol.layout().owns_mount(&vol, m, &mounts) {
+        if !vol.layout().owns_target(&vol, &root) {
             // A Block target whose loop device was lost is still this
             // volume's publication, and abnormal.
             let lost = vol
                 .layout()
-                .lost_publication(&vol, m)
+                .lost_publication(&vol, &root, &path)
                 .ok_or_else(not_here)?;
             return Ok(NodeStats {
                 total_bytes: vol.meta.capacity_bytes,
@@ -105,7 +109,7 @@ impl Core {
                 ..Default::default()
             });
         }
-        let mut stats = vol.layout().usage(self, &vol, &path, m)?;
+        let mut stats = vol.layout().usage(self, &vol, &path, &root)?;
         stats.problem = problem;
         Ok(stats)
     }

@@ -137,6 +137,8 @@ fn resolve_env(container: &Value, node: &str, namespace: &str, pod: &str) -> Vec
                 Some("spec.nodeName") => node.to_owned(),
                 Some("metadata.namespace") => namespace.to_owned(),
                 Some("metadata.name") => pod.to_owned(),
+                // The fake node's pod has no network of its own: loopback.
+                Some("status.podIP") => "127.0.0.1".to_owned(),
                 other => panic!("env {name}: the e2e cannot fill in {other:?}"),
             }
         };

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::mount::MsFlags;
+use nix::sys::stat::FileStat;
 
 use super::{file_backed, CloneRoute, Layout, LayoutKind, Sizing, Traits};
 use crate::block;
@@ -111,11 +112,33 @@ impl LayoutKind for BlockFile {
             let _ = file_backed::release(vol, Duration::ZERO, false);
             return Err(e);
         }
+        block::note_bind(dev.number, &req.target)?;
         Ok(())
     }
 
     fn owns_mount(&self, vol: &Volume, m: &MountInfo, _mounts: &[MountInfo]) -> bool {
         file_backed::uses_device(vol, block::bound_loop(m))
+    }
+
+    fn owns_target(&self, vol: &Volume, root: &FileStat) -> bool {
+        file_backed::uses_device(vol, block::node_of(root))
+    }
+
+    /// The device goes when its last publication does; the binds are known
+    /// without reading mountinfo (see `block::note_bind`).
+    fn after_unpublish(&self, vol: &Volume, target: &Path, root: &FileStat) -> CoreResult<()> {
+        let Some(n) = block::node_of(root) else {
+            return Ok(());
+        };
+        if !block::drop_bind(n, target)? {
+            return Ok(());
+        }
+        match block::attached(n) {
+            Some(dev) if file_backed_id(vol) == Some(dev.file) => {
+                block::detach_and_wait(&dev, crate::volume::node::DETACH_WAIT).map(drop)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn release(&self, vol: &Volume, wait: Duration, for_delete: bool) -> CoreResult<()> {
@@ -127,11 +150,11 @@ impl LayoutKind for BlockFile {
         _core: &Core,
         vol: &Volume,
         _path: &Path,
-        m: &MountInfo,
+        root: &FileStat,
     ) -> CoreResult<NodeStats> {
         // The device's size: after ControllerExpandVolume and before
         // NodeExpandVolume it is still the old one.
-        let total = block::bound_loop(m)
+        let total = block::node_of(root)
             .and_then(|n| block::device_size(&block::device_path(n)).ok())
             .unwrap_or(vol.meta.capacity_bytes);
         Ok(NodeStats {
@@ -167,13 +190,17 @@ impl LayoutKind for BlockFile {
         block::device_size(&dev.path)
     }
 
-    fn lost_publication(&self, vol: &Volume, m: &MountInfo) -> Option<String> {
-        let n = block::bound_loop(m)?;
+    fn orphaned(&self, root: &FileStat) -> bool {
+        block::node_of(root).is_some_and(|n| block::attached(n).is_none())
+    }
+
+    fn lost_publication(&self, vol: &Volume, root: &FileStat, at: &Path) -> Option<String> {
+        let n = block::node_of(root)?;
         match block::attached(n) {
             None => Some(format!(
                 "{} published at {} is no longer attached; no loop device backs {}",
                 block::device_path(n).display(),
-                m.mount_point.display(),
+                at.display(),
                 vol.path.display()
             )),
             Some(d) if d.file == file_backed_id(vol)? => None,
@@ -181,7 +208,7 @@ impl LayoutKind for BlockFile {
             Some(d) => Some(format!(
                 "{} published at {} now backs {}, not {}",
                 block::device_path(n).display(),
-                m.mount_point.display(),
+                at.display(),
                 d.backing_file.display(),
                 vol.path.display()
             )),

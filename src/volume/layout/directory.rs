@@ -6,6 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
+use nix::sys::stat::FileStat;
 
 use super::{CloneRoute, Layout, LayoutKind, Sizing, Traits};
 use crate::error::{CoreResult, IoContext};
@@ -87,6 +88,24 @@ impl LayoutKind for Directory {
         mount::bind_mount(&vol.path, &req.target, flags)
     }
 
+    fn mounts_of<'a>(&self, vol: &Volume, mounts: &'a [MountInfo]) -> Vec<&'a MountInfo> {
+        let Some((ma, mi, root)) = identity(&vol.path, mounts) else {
+            return Vec::new();
+        };
+        mounts
+            .iter()
+            .filter(|m| {
+                m.mount_point != vol.path && m.major == ma && m.minor == mi && m.root == root
+            })
+            .collect()
+    }
+
+    fn owns_target(&self, vol: &Volume, root: &FileStat) -> bool {
+        // A bind mount's root is the volume directory itself.
+        fs::symlink_metadata(&vol.path)
+            .is_ok_and(|st| st.is_dir() && st.dev() == root.st_dev && st.ino() == root.st_ino)
+    }
+
     fn owns_mount(&self, vol: &Volume, m: &MountInfo, mounts: &[MountInfo]) -> bool {
         m.mount_point != vol.path
             && identity(&vol.path, mounts)
@@ -98,7 +117,7 @@ impl LayoutKind for Directory {
         core: &Core,
         vol: &Volume,
         _path: &Path,
-        _m: &MountInfo,
+        _root: &FileStat,
     ) -> CoreResult<NodeStats> {
         let usage = core.stats_cache.usage(vol)?;
         let pool = core.pool(Some(&vol.meta.pool))?.usage()?;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::mount::MsFlags;
+use nix::sys::stat::FileStat;
 
 use super::{file_backed, CloneRoute, Layout, LayoutKind, Sizing, Traits};
 use crate::block::{self, LoopDevice};
@@ -146,6 +147,19 @@ impl LayoutKind for Image {
         file_backed::uses_device(vol, block::mounted_loop(m))
     }
 
+    fn owns_target(&self, vol: &Volume, root: &FileStat) -> bool {
+        file_backed::uses_device(vol, block::filesystem_of(root))
+    }
+
+    /// An inline ephemeral volume is mounted at its target directly: its
+    /// device goes with that mount.
+    fn after_unpublish(&self, vol: &Volume, _target: &Path, _root: &FileStat) -> CoreResult<()> {
+        if vol.meta.ephemeral {
+            file_backed::release(vol, crate::volume::node::DETACH_WAIT, false)?;
+        }
+        Ok(())
+    }
+
     fn release(&self, vol: &Volume, wait: Duration, for_delete: bool) -> CoreResult<()> {
         file_backed::release(vol, wait, for_delete)
     }
@@ -155,7 +169,7 @@ impl LayoutKind for Image {
         _core: &Core,
         _vol: &Volume,
         path: &Path,
-        _m: &MountInfo,
+        _root: &FileStat,
     ) -> CoreResult<NodeStats> {
         let st =
             nix::sys::statvfs::statvfs(path).context(|| format!("statvfs {}", path.display()))?;

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::mount::MsFlags;
+use nix::sys::stat::FileStat;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::node::{NodeStats, PublishRequest, StageRequest};
@@ -95,6 +96,22 @@ pub trait LayoutKind: Send + Sync {
     /// Whether `m` is one of this volume's mounts (a publication or its
     /// staging), made by this driver.
     fn owns_mount(&self, vol: &Volume, m: &MountInfo, mounts: &[MountInfo]) -> bool;
+    /// This volume's mounts among `mounts` (all of mountinfo).
+    fn mounts_of<'a>(&self, vol: &Volume, mounts: &'a [MountInfo]) -> Vec<&'a MountInfo> {
+        mounts
+            .iter()
+            .filter(|m| self.owns_mount(vol, m, mounts))
+            .collect()
+    }
+    /// Whether the mount whose root stats as `root` (the topmost mount at a
+    /// path, see `mount::mounted_at`) is one of this volume's: the same
+    /// question as `owns_mount`, answered without reading mountinfo.
+    fn owns_target(&self, vol: &Volume, root: &FileStat) -> bool;
+    /// Undoes what a publication held after its mount at `target` (whose
+    /// root stat was `root`) is gone.
+    fn after_unpublish(&self, _vol: &Volume, _target: &Path, _root: &FileStat) -> CoreResult<()> {
+        Ok(())
+    }
     /// Lets go of what no mount uses any more (loop devices), waiting up
     /// to `wait` for a detach the kernel defers. With `for_delete`, a
     /// device still in use is an error.
@@ -102,8 +119,13 @@ pub trait LayoutKind: Send + Sync {
         Ok(())
     }
     /// Usage of the volume mounted at `path` (mount `m`).
-    fn usage(&self, core: &Core, vol: &Volume, path: &Path, m: &MountInfo)
-        -> CoreResult<NodeStats>;
+    fn usage(
+        &self,
+        core: &Core,
+        vol: &Volume,
+        path: &Path,
+        root: &FileStat,
+    ) -> CoreResult<NodeStats>;
     /// Grows the backing store to `capacity` (controller side).
     fn grow(&self, _vol: &Volume, _capacity: u64) -> CoreResult<()> {
         Ok(())
@@ -124,10 +146,17 @@ pub trait LayoutKind: Send + Sync {
     fn node_expand(&self, _core: &Core, vol: &Volume) -> CoreResult<u64> {
         Ok(vol.meta.capacity_bytes)
     }
+    /// Whether the mount whose root stats as `root` is a publication whose
+    /// backing is gone for good (a Block bind of a loop device that no
+    /// longer backs any file): it holds nothing, so undoing it is safe
+    /// whichever volume it was. One that now backs another file is not.
+    fn orphaned(&self, _root: &FileStat) -> bool {
+        false
+    }
     /// Why a mount at a publish target no longer reaches the volume (a
     /// Block volume's loop device was lost); `None` when it is not this
     /// volume's at all.
-    fn lost_publication(&self, _vol: &Volume, _m: &MountInfo) -> Option<String> {
+    fn lost_publication(&self, _vol: &Volume, _root: &FileStat, _at: &Path) -> Option<String> {
         None
     }
 }
