@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use hostpath_csi::proto::volume_capability::access_mode::Mode;
 use hostpath_csi::proto::*;
@@ -34,58 +36,28 @@ async fn bad_names_are_invalid_everywhere_and_touch_nothing() {
         .flatten()
         .map(|e| e.file_name())
         .collect();
+    let (target, invalid) = (d.path("target"), Code::InvalidArgument);
     for name in bad_names() {
-        let r =
-            d.c.controller
-                .create_volume(create_req(&name, GIB, rwo()))
-                .await;
-        assert_eq!(code(&r), Code::InvalidArgument, "CreateVolume {name:?}");
-        let r =
-            d.c.controller
-                .delete_volume(DeleteVolumeRequest {
-                    volume_id: name.clone(),
-                    ..Default::default()
-                })
-                .await;
-        assert_eq!(code(&r), Code::InvalidArgument, "DeleteVolume {name:?}");
+        let r = d.c.controller.create_volume(dir_volume(&name, GIB)).await;
+        assert_code(&r, invalid, &format!("CreateVolume {name:?}"));
+        let r = d.c.controller.delete_volume(delete_req(&name)).await;
+        assert_code(&r, invalid, &format!("DeleteVolume {name:?}"));
         let r =
             d.c.node
-                .node_publish_volume(NodePublishVolumeRequest {
-                    volume_id: name.clone(),
-                    target_path: d.path("target").to_string_lossy().into(),
-                    volume_capability: Some(rwo()),
-                    ..Default::default()
-                })
-                .await;
-        assert_eq!(
-            code(&r),
-            Code::InvalidArgument,
-            "NodePublishVolume {name:?}"
-        );
+                .node_publish_volume(unstaged_publish_req(&name, &target, rwo()));
+        assert_code(&r.await, invalid, &format!("NodePublishVolume {name:?}"));
         let r =
             d.c.controller
-                .create_snapshot(CreateSnapshotRequest {
-                    name: name.clone(),
-                    source_volume_id: "src".into(),
-                    ..Default::default()
-                })
+                .create_snapshot(snapshot_req(&name, "src"))
                 .await;
-        assert_eq!(code(&r), Code::InvalidArgument, "CreateSnapshot {name:?}");
+        assert_code(&r, invalid, &format!("CreateSnapshot {name:?}"));
         let r =
             d.c.controller
-                .controller_expand_volume(ControllerExpandVolumeRequest {
-                    volume_id: name.clone(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: GIB,
-                        limit_bytes: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await;
-        assert_eq!(
-            code(&r),
-            Code::InvalidArgument,
-            "ControllerExpandVolume {name:?}"
+                .controller_expand_volume(grow_req(&name, GIB, None));
+        assert_code(
+            &r.await,
+            invalid,
+            &format!("ControllerExpandVolume {name:?}"),
         );
     }
     assert_eq!(
@@ -107,83 +79,75 @@ async fn bad_names_are_invalid_everywhere_and_touch_nothing() {
 #[tokio::test]
 async fn capacities_out_of_range() {
     let mut d = Driver::start().await;
-    let with = |req: i64, lim: i64| {
-        let mut r = create_req("pvc-cap", 0, rwo());
-        r.capacity_range = Some(CapacityRange {
+    let with = |req: i64, lim: i64| CreateVolumeRequest {
+        capacity_range: Some(CapacityRange {
             required_bytes: req,
             limit_bytes: lim,
-        });
-        r
+        }),
+        ..dir_volume("pvc-cap", 0)
     };
-    assert_eq!(
-        code(&d.c.controller.create_volume(with(-5, 0)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.controller.create_volume(with(0, -5)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.controller.create_volume(with(GIB, MIB)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.controller.create_volume(with(i64::MAX, 0)).await),
-        Code::OutOfRange
-    );
-    let mut block = with(0, 1000);
-    block.volume_capabilities = vec![block_cap(Mode::SingleNodeWriter)];
-    assert_eq!(
-        code(&d.c.controller.create_volume(block).await),
-        Code::OutOfRange,
-        "a block volume under 4 KiB cannot exist"
-    );
+    let block = CreateVolumeRequest {
+        volume_capabilities: vec![block_rwo()],
+        ..with(0, 1000)
+    };
+    for (what, req, want) in [
+        ("a negative size", with(-5, 0), Code::InvalidArgument),
+        ("a negative limit", with(0, -5), Code::InvalidArgument),
+        (
+            "a limit below the size",
+            with(GIB, MIB),
+            Code::InvalidArgument,
+        ),
+        ("the largest size", with(i64::MAX, 0), Code::OutOfRange),
+        (
+            "a block volume under 4 KiB cannot exist",
+            block,
+            Code::OutOfRange,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
     // Zero means "unspecified": allowed.
-    let v =
-        d.c.controller
-            .create_volume(with(0, 0))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-    assert_eq!(v.capacity_bytes, 0);
+    assert_eq!(create_ok(&mut d.c, with(0, 0)).await.capacity_bytes, 0);
 }
 
 #[tokio::test]
 async fn unknown_pool_and_parameters() {
     let mut d = Driver::start().await;
-    let mut r = create_req("pvc-p", GIB, rwo());
-    r.parameters = params(&[("storagePool", "../../etc")]);
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::InvalidArgument
-    );
+    let with = |name: &str, p: &[(&str, &str)]| with_params(dir_volume(name, GIB), p);
     for (k, v) in [
         ("layout", "weird"),
         ("preallocation", "maybe"),
         ("blockSize", "1000"),
     ] {
-        let mut r = create_req("pvc-p", GIB, rwo());
-        r.parameters = params(&[(k, v)]);
-        let e = d.c.controller.create_volume(r).await.unwrap_err();
+        let e = d.c.controller.create_volume(with("pvc-p", &[(k, v)])).await;
+        let e = e.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains(k), "{}", e.message());
     }
-    // Parameters the provisioner adds are accepted.
-    let mut r = create_req("pvc-p", GIB, rwo());
-    r.parameters = params(&[
+    let provisioners = [
         ("csi.storage.k8s.io/pvc/name", "x"),
         ("csi.storage.k8s.io/pvc/namespace", "y"),
-    ]);
-    assert_eq!(code(&d.c.controller.create_volume(r).await), Code::Ok);
-    // enforceSize on a directory volume cannot be honoured here.
-    let mut r = create_req("pvc-enforce", GIB, rwo());
-    r.parameters = params(&[("enforceSize", "true")]);
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::FailedPrecondition
-    );
+    ];
+    for (what, req, want) in [
+        (
+            "a pool name that is a path",
+            with("pvc-p", &[("storagePool", "../../etc")]),
+            Code::InvalidArgument,
+        ),
+        (
+            "parameters the provisioner adds are accepted",
+            with("pvc-p", &provisioners),
+            Code::Ok,
+        ),
+        (
+            "enforceSize on a directory volume cannot be honoured here",
+            with("pvc-enforce", &[("enforceSize", "true")]),
+            Code::FailedPrecondition,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
 }
 
 #[tokio::test]
@@ -196,9 +160,8 @@ async fn multi_node_modes_are_refused() {
     ] {
         let r =
             d.c.controller
-                .create_volume(create_req("pvc-m", GIB, mount_cap(mode)))
-                .await;
-        let e = r.unwrap_err();
+                .create_volume(create_req("pvc-m", GIB, mount_cap(mode)));
+        let e = r.await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains(mode.as_str_name()), "{}", e.message());
     }
@@ -207,29 +170,24 @@ async fn multi_node_modes_are_refused() {
 #[tokio::test]
 async fn target_paths_must_be_absolute() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(create_req("pvc-t", GIB, rwo()))
-        .await
-        .unwrap();
-    for target in ["", "relative/target", "../../x", "/tmp/../etc/x"] {
+    create_ok(&mut d.c, dir_volume("pvc-t", GIB)).await;
+    for target in ["", "relative/target", "../../x", "/tmp/../etc/x"].map(Path::new) {
         let r =
             d.c.node
-                .node_publish_volume(NodePublishVolumeRequest {
-                    volume_id: "pvc-t".into(),
-                    target_path: target.into(),
-                    volume_capability: Some(rwo()),
-                    ..Default::default()
-                })
-                .await;
-        assert_eq!(code(&r), Code::InvalidArgument, "{target:?}");
+                .node_publish_volume(unstaged_publish_req("pvc-t", target, rwo()));
+        assert_code(
+            &r.await,
+            Code::InvalidArgument,
+            &format!("publish at {target:?}"),
+        );
         let r =
             d.c.node
-                .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                    volume_id: "pvc-t".into(),
-                    target_path: target.into(),
-                })
-                .await;
-        assert_eq!(code(&r), Code::InvalidArgument, "{target:?}");
+                .node_unpublish_volume(unpublish_req("pvc-t", target));
+        assert_code(
+            &r.await,
+            Code::InvalidArgument,
+            &format!("unpublish at {target:?}"),
+        );
     }
     assert!(!std::path::Path::new("relative").exists());
 }
@@ -249,23 +207,12 @@ async fn symlink_planted_in_pool_is_never_followed() {
             .unwrap()
             .into_inner();
     assert!(list.entries.is_empty());
+    let t = d.path("t");
     let r =
         d.c.node
-            .node_publish_volume(NodePublishVolumeRequest {
-                volume_id: "pvc-link".into(),
-                target_path: d.path("t").to_string_lossy().into(),
-                volume_capability: Some(rwo()),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::NotFound);
-    d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-link".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+            .node_publish_volume(unstaged_publish_req("pvc-link", &t, rwo()));
+    assert_code(&r.await, Code::NotFound, "a publish of a planted link");
+    delete_ok(&mut d.c, "pvc-link").await;
     assert_eq!(
         std::fs::read(outside.join("secret")).unwrap(),
         b"do not touch"
@@ -273,8 +220,8 @@ async fn symlink_planted_in_pool_is_never_followed() {
     // Creating over the link does not write through it.
     let r =
         d.c.controller
-            .create_volume(create_req("pvc-link", GIB, rwo()))
+            .create_volume(dir_volume("pvc-link", GIB))
             .await;
-    assert_eq!(code(&r), Code::AlreadyExists);
+    assert_code(&r, Code::AlreadyExists, "a create over a planted link");
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
 }

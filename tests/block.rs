@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostpath_csi::proto::volume_capability::access_mode::Mode;
-use hostpath_csi::proto::volume_capability::AccessType;
 use hostpath_csi::proto::*;
 use tonic::Code;
 
@@ -114,10 +113,6 @@ fn sysfs(n: u32, file: &str) -> String {
         .to_owned()
 }
 
-fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 /// Loop devices below `root` once at most `keep` remain, waiting briefly: a
 /// detach is deferred while anything still has the device open.
 async fn settled_loops_but(root: &Path, keep: usize) -> Vec<PathBuf> {
@@ -133,119 +128,6 @@ async fn settled_loops_but(root: &Path, keep: usize) -> Vec<PathBuf> {
 
 async fn settled_loops(root: &Path) -> Vec<PathBuf> {
     settled_loops_but(root, 0).await
-}
-
-fn block_cap_rw() -> VolumeCapability {
-    block_cap(Mode::SingleNodeWriter)
-}
-
-fn block_create(name: &str, size: i64, p: &[(&str, &str)]) -> CreateVolumeRequest {
-    let mut r = create_req(name, size, block_cap_rw());
-    r.parameters = params(p);
-    r
-}
-
-fn image_create(name: &str, size: i64, fs_type: &str) -> CreateVolumeRequest {
-    let mut r = create_req(name, size, mount_cap_fs(fs_type));
-    r.parameters = params(&[("layout", "image")]);
-    r
-}
-
-fn publish_req(
-    id: &str,
-    target: &Path,
-    cap: VolumeCapability,
-    readonly: bool,
-) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: s(target),
-        staging_target_path: staging_for(target),
-        volume_capability: Some(cap),
-        readonly,
-        ..Default::default()
-    }
-}
-
-fn expand_req(id: &str, size: i64, cap: VolumeCapability) -> ControllerExpandVolumeRequest {
-    ControllerExpandVolumeRequest {
-        volume_id: id.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn node_expand_req(id: &str, path: &Path, size: i64) -> NodeExpandVolumeRequest {
-    NodeExpandVolumeRequest {
-        volume_id: id.into(),
-        volume_path: s(path),
-        capacity_range: Some(CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    }
-}
-
-async fn create(d: &mut Driver, req: CreateVolumeRequest) -> Volume {
-    d.c.controller
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-}
-
-async fn publish_block(d: &mut Driver, id: &str, target: &Path, readonly: bool) {
-    d.c.node
-        .node_publish_volume(publish_req(id, target, block_cap_rw(), readonly))
-        .await
-        .unwrap();
-}
-
-async fn unpublish(d: &mut Driver, id: &str, target: &Path) {
-    d.c.node
-        .node_unpublish_volume(unpublish_req(id, target))
-        .await
-        .unwrap();
-}
-
-/// Stages and publishes an image volume.
-async fn stage_and_publish(
-    d: &mut Driver,
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: VolumeCapability,
-) {
-    d.c.node
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: s(staging),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut p = publish_req(id, target, cap, false);
-    p.staging_target_path = s(staging);
-    d.c.node.node_publish_volume(p).await.unwrap();
-}
-
-async fn unpublish_and_unstage(d: &mut Driver, id: &str, staging: &Path, target: &Path) {
-    unpublish(d, id, target).await;
-    d.c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: s(staging),
-        })
-        .await
-        .unwrap();
 }
 
 fn has_cap_sys_resource() -> bool {
@@ -295,14 +177,14 @@ macro_rules! on_both_pools {
 // ---------------------------------------------------------------- tests
 
 async fn block_round_trip(mut d: Driver) {
-    let v = create(&mut d, block_create("pvc-disk", 64 * MIB, &[])).await;
+    let v = create_ok(&mut d.c, block_volume("pvc-disk", 64 * MIB)).await;
     assert_eq!(v.capacity_bytes, 64 * MIB);
     let file = d.pool().join("pvc-disk");
     assert!(std::fs::metadata(&file).unwrap().is_file());
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 64 << 20);
     let target = d.path("pods/disk/dev");
-    publish_block(&mut d, "pvc-disk", &target, false).await;
-    publish_block(&mut d, "pvc-disk", &target, false).await;
+    publish_ok(&mut d.c, "pvc-disk", &target, block_rwo()).await;
+    publish_ok(&mut d.c, "pvc-disk", &target, block_rwo()).await;
     assert_eq!(
         mounts_under(&target).len(),
         1,
@@ -321,7 +203,7 @@ async fn block_round_trip(mut d: Driver) {
     // A write past the end fails; the device is exactly the volume.
     assert!(dio_write(&target, 64 << 20, &data[..4096]).is_err());
     for _ in 0..2 {
-        unpublish(&mut d, "pvc-disk", &target).await;
+        unpublish_ok(&mut d.c, "pvc-disk", &target).await;
     }
     assert!(!target.exists(), "unpublish removes the target file");
     assert!(
@@ -338,21 +220,21 @@ async fn block_round_trip(mut d: Driver) {
         "data survives unpublish"
     );
     // blockSize: 4096 gives 4 KiB logical sectors.
-    create(
-        &mut d,
-        block_create("pvc-4k", 16 * MIB, &[("blockSize", "4096")]),
+    create_ok(
+        &mut d.c,
+        with_params(block_volume("pvc-4k", 16 * MIB), &[("blockSize", "4096")]),
     )
     .await;
     // Kubelet's flow for Block: stage (a no-op here), publish with the
     // staging path, unpublish, unstage.
-    let (st4, t4) = (d.path("staging/4k"), d.path("pods/4k/dev"));
-    std::fs::create_dir_all(&st4).unwrap();
-    stage_and_publish(&mut d, "pvc-4k", &st4, &t4, block_cap_rw()).await;
+    let t4 = d.path("pods/4k/dev");
+    let st4 = staging_for(&t4);
+    stage_publish(&mut d.c, "pvc-4k", &t4, block_rwo()).await;
     assert!(mounts_under(&st4).is_empty());
     assert_eq!(sysfs(loop_of(&t4), "queue/logical_block_size"), "4096");
-    unpublish_and_unstage(&mut d, "pvc-4k", &st4, &t4).await;
+    unpublish_unstage(&mut d.c, "pvc-4k", &t4).await;
     for id in ["pvc-disk", "pvc-4k"] {
-        d.c.controller.delete_volume(delete_req(id)).await.unwrap();
+        delete_ok(&mut d.c, id).await;
     }
     assert!(!file.exists());
     assert!(mounts_under(d.dir.path()).is_empty());
@@ -390,15 +272,16 @@ fn fill(dir: &Path) -> u64 {
 async fn image_round_trip(mut d: Driver, fs_type: &str, asked: i64, expected: i64) {
     let id = format!("pvc-img-{fs_type}");
     let cap = mount_cap_fs(fs_type);
-    let v = create(&mut d, image_create(&id, asked, fs_type)).await;
+    let v = create_ok(&mut d.c, image_volume(&id, asked, fs_type)).await;
     assert_eq!(
         v.capacity_bytes, expected,
         "capacity is what was really given"
     );
     let file = d.pool().join(&id);
     assert_eq!(std::fs::metadata(&file).unwrap().len(), expected as u64);
-    let (staging, target) = (d.path("staging/img"), d.path("pods/img"));
-    stage_and_publish(&mut d, &id, &staging, &target, cap.clone()).await;
+    let target = d.path("pods/img");
+    let staging = staging_for(&target);
+    stage_publish(&mut d.c, &id, &target, cap.clone()).await;
     let mi = mounts_under(&target);
     assert_eq!(mi.len(), 1);
     assert_eq!(
@@ -455,18 +338,18 @@ async fn image_round_trip(mut d: Driver, fs_type: &str, asked: i64, expected: i6
         .node_get_volume_stats(stats_req(&id, &staging))
         .await
         .unwrap();
-    unpublish_and_unstage(&mut d, &id, &staging, &target).await;
-    unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+    unpublish_unstage(&mut d.c, &id, &target).await;
+    unpublish_unstage(&mut d.c, &id, &target).await;
     assert!(settled_loops(d.pool()).await.is_empty());
     assert!(mounts_under(d.dir.path()).is_empty());
     // The data is in the image and comes back on the next stage.
-    stage_and_publish(&mut d, &id, &staging, &target, cap).await;
+    stage_publish(&mut d.c, &id, &target, cap).await;
     assert_eq!(
         std::fs::read(target.join("hello")).unwrap(),
         b"in the image"
     );
-    unpublish_and_unstage(&mut d, &id, &staging, &target).await;
-    d.c.controller.delete_volume(delete_req(&id)).await.unwrap();
+    unpublish_unstage(&mut d.c, &id, &target).await;
+    delete_ok(&mut d.c, &id).await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
 
@@ -487,31 +370,34 @@ async fn image_volume_ext4_on_xfs_pool_stops_at_its_size() {
 #[tokio::test]
 async fn image_capacity_rounding_respects_limit() {
     let mut d = Driver::start().await;
-    let mut r = image_create("pvc-small", 100 * MIB, "xfs");
+    let mut r = image_volume("pvc-small", 100 * MIB, "xfs");
     r.capacity_range.as_mut().unwrap().limit_bytes = 200 * MIB;
     let e = d.c.controller.create_volume(r).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     assert!(!d.pool().join("pvc-small").exists());
-    let mut r = image_create("pvc-fits", 100 * MIB, "xfs");
+    let mut r = image_volume("pvc-fits", 100 * MIB, "xfs");
     r.capacity_range.as_mut().unwrap().limit_bytes = 400 * MIB;
-    assert_eq!(create(&mut d, r).await.capacity_bytes, 300 * MIB);
-    let r = image_create("pvc-btrfs", 100 * MIB, "btrfs");
+    assert_eq!(create_ok(&mut d.c, r).await.capacity_bytes, 300 * MIB);
+    let r = image_volume("pvc-btrfs", 100 * MIB, "btrfs");
     assert_eq!(
         code(&d.c.controller.create_volume(r).await),
         Code::InvalidArgument
     );
     // Default layout stays a directory.
-    let v = create(&mut d, create_req("pvc-dir", 100 * MIB, rwo())).await;
+    let v = create_ok(&mut d.c, create_req("pvc-dir", 100 * MIB, rwo())).await;
     assert_eq!(v.capacity_bytes, 100 * MIB);
     assert!(d.pool().join("pvc-dir").is_dir());
 }
 
 async fn preallocation(mut d: Driver) {
     const SIZE: i64 = 256 * MIB;
-    create(&mut d, block_create("pvc-thin", SIZE, &[])).await;
-    create(
-        &mut d,
-        block_create("pvc-thick", SIZE, &[("preallocation", "true")]),
+    create_ok(&mut d.c, block_volume("pvc-thin", SIZE)).await;
+    create_ok(
+        &mut d.c,
+        with_params(
+            block_volume("pvc-thick", SIZE),
+            &[("preallocation", "true")],
+        ),
     )
     .await;
     let (thin, thick) = (d.pool().join("pvc-thin"), d.pool().join("pvc-thick"));
@@ -526,20 +412,16 @@ async fn preallocation(mut d: Driver) {
         allocated(&thick)
     );
     // An image volume can be thick too.
-    let mut r = image_create("pvc-img-thick", 300 * MIB, "xfs");
+    let mut r = image_volume("pvc-img-thick", 300 * MIB, "xfs");
     r.parameters.insert("preallocation".into(), "true".into());
-    create(&mut d, r).await;
+    create_ok(&mut d.c, r).await;
     assert!(allocated(&d.pool().join("pvc-img-thick")) >= 300 << 20);
     // ModifyVolume turns the thin disk thick in place, while it is in use.
     let target = d.path("pods/thin");
-    publish_block(&mut d, "pvc-thin", &target, false).await;
+    publish_ok(&mut d.c, "pvc-thin", &target, block_rwo()).await;
     let data = pattern(11, 2 << 20);
     dio_write(&target, 100 << 20, &data).unwrap();
-    let modify = |v: &str| ControllerModifyVolumeRequest {
-        volume_id: "pvc-thin".into(),
-        mutable_parameters: params(&[("preallocation", v)]),
-        ..Default::default()
-    };
+    let modify = |v: &str| modify_req("pvc-thin", &[("preallocation", v)]);
     d.c.controller
         .controller_modify_volume(modify("false"))
         .await
@@ -569,34 +451,31 @@ async fn preallocation(mut d: Driver) {
     assert_eq!(dio_read(&target, 0, 4096), vec![0u8; 4096]);
     // A preallocated volume stays thick when it grows.
     d.c.controller
-        .controller_expand_volume(expand_req("pvc-thin", SIZE + 64 * MIB, block_cap_rw()))
+        .controller_expand_volume(grow_req("pvc-thin", SIZE + 64 * MIB, Some(block_rwo())))
         .await
         .unwrap();
     assert!(allocated(&thin) >= (SIZE + 64 * MIB) as u64);
-    unpublish(&mut d, "pvc-thin", &target).await;
+    unpublish_ok(&mut d.c, "pvc-thin", &target).await;
     assert!(settled_loops(d.pool()).await.is_empty());
-    let bad = ControllerModifyVolumeRequest {
-        volume_id: "pvc-thin".into(),
-        mutable_parameters: params(&[("blockSize", "4096")]),
-        ..Default::default()
-    };
-    assert_eq!(
-        code(&d.c.controller.controller_modify_volume(bad).await),
-        Code::InvalidArgument
-    );
-    let missing = ControllerModifyVolumeRequest {
-        volume_id: "pvc-missing".into(),
-        mutable_parameters: params(&[("preallocation", "true")]),
-        ..Default::default()
-    };
-    assert_eq!(
-        code(&d.c.controller.controller_modify_volume(missing).await),
-        Code::NotFound
-    );
+    for (what, req, want) in [
+        (
+            "a parameter that is not mutable",
+            modify_req("pvc-thin", &[("blockSize", "4096")]),
+            Code::InvalidArgument,
+        ),
+        (
+            "an unknown volume",
+            modify_req("pvc-missing", &[("preallocation", "true")]),
+            Code::NotFound,
+        ),
+    ] {
+        let r = d.c.controller.controller_modify_volume(req).await;
+        assert_code(&r, want, what);
+    }
     // mutable_parameters at create time.
-    let mut r = block_create("pvc-vac", 32 * MIB, &[]);
+    let mut r = block_volume("pvc-vac", 32 * MIB);
     r.mutable_parameters = params(&[("preallocation", "true")]);
-    create(&mut d, r).await;
+    create_ok(&mut d.c, r).await;
     assert!(allocated(&d.pool().join("pvc-vac")) >= 32 << 20);
 }
 
@@ -606,16 +485,16 @@ async fn preallocation_thick_thin_and_modify_in_place() {
 }
 
 async fn expand_block_while_published(d: &mut Driver) {
-    create(d, block_create("pvc-grow", 64 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-grow", 64 * MIB)).await;
     let target = d.path("pods/grow");
-    publish_block(d, "pvc-grow", &target, false).await;
+    publish_ok(&mut d.c, "pvc-grow", &target, block_rwo()).await;
     let head = pattern(5, 1 << 20);
     dio_write(&target, 0, &head).unwrap();
     // Hold the device open across the expansion, like a running VM.
     let held = open_direct(&target, true).unwrap();
     let r =
         d.c.controller
-            .controller_expand_volume(expand_req("pvc-grow", 128 * MIB, block_cap_rw()))
+            .controller_expand_volume(grow_req("pvc-grow", 128 * MIB, Some(block_rwo())))
             .await
             .unwrap()
             .into_inner();
@@ -628,7 +507,7 @@ async fn expand_block_while_published(d: &mut Driver) {
     for _ in 0..2 {
         let n =
             d.c.node
-                .node_expand_volume(node_expand_req("pvc-grow", &target, 128 * MIB))
+                .node_expand_volume(node_grow_req("pvc-grow", &target, 128 * MIB))
                 .await
                 .unwrap()
                 .into_inner();
@@ -653,12 +532,12 @@ async fn expand_block_while_published(d: &mut Driver) {
     // The same size again is a no-op; smaller is OUT_OF_RANGE.
     let again =
         d.c.controller
-            .controller_expand_volume(expand_req("pvc-grow", 128 * MIB, block_cap_rw()))
+            .controller_expand_volume(grow_req("pvc-grow", 128 * MIB, Some(block_rwo())))
             .await
             .unwrap()
             .into_inner();
     assert_eq!(again.capacity_bytes, 128 * MIB);
-    let mut shrink = expand_req("pvc-grow", 32 * MIB, block_cap_rw());
+    let mut shrink = grow_req("pvc-grow", 32 * MIB, Some(block_rwo()));
     shrink.capacity_range.as_mut().unwrap().limit_bytes = 32 * MIB;
     assert_eq!(
         code(&d.c.controller.controller_expand_volume(shrink).await),
@@ -671,24 +550,22 @@ async fn expand_block_while_published(d: &mut Driver) {
             .unwrap()
             .into_inner();
     assert_eq!(st.usage[0].total, 128 * MIB);
-    unpublish(d, "pvc-grow", &target).await;
+    unpublish_ok(&mut d.c, "pvc-grow", &target).await;
 }
 
 async fn expand_image_while_published(d: &mut Driver, fs_type: &str, from: i64, to: i64) {
     let id = format!("pvc-grow-{fs_type}");
     let cap = mount_cap_fs(fs_type);
-    create(d, image_create(&id, from, fs_type)).await;
-    let (staging, target) = (
-        d.path(&format!("staging/{id}")),
-        d.path(&format!("pods/{id}")),
-    );
-    stage_and_publish(d, &id, &staging, &target, cap.clone()).await;
+    create_ok(&mut d.c, image_volume(&id, from, fs_type)).await;
+    let target = d.path(&format!("pods/{id}"));
+    let staging = staging_for(&target);
+    stage_publish(&mut d.c, &id, &target, cap.clone()).await;
     std::fs::write(target.join("keep"), b"kept").unwrap();
     let before = statvfs_total(&target);
     assert!(before <= from as u64);
     let r =
         d.c.controller
-            .controller_expand_volume(expand_req(&id, to, cap.clone()))
+            .controller_expand_volume(grow_req(&id, to, Some(cap.clone())))
             .await
             .unwrap()
             .into_inner();
@@ -699,18 +576,18 @@ async fn expand_image_while_published(d: &mut Driver, fs_type: &str, from: i64, 
         // in this sandbox): a clear error, and the next stage grows it offline.
         let e =
             d.c.node
-                .node_expand_volume(node_expand_req(&id, &target, to))
+                .node_expand_volume(node_grow_req(&id, &target, to))
                 .await
                 .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
         assert!(e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message());
-        unpublish_and_unstage(d, &id, &staging, &target).await;
-        stage_and_publish(d, &id, &staging, &target, cap).await;
+        unpublish_unstage(&mut d.c, &id, &target).await;
+        stage_publish(&mut d.c, &id, &target, cap).await;
     }
     for _ in 0..2 {
         let n =
             d.c.node
-                .node_expand_volume(node_expand_req(&id, &target, to))
+                .node_expand_volume(node_grow_req(&id, &target, to))
                 .await
                 .unwrap()
                 .into_inner();
@@ -730,7 +607,7 @@ async fn expand_image_while_published(d: &mut Driver, fs_type: &str, from: i64, 
             .unwrap()
             .into_inner();
     assert_eq!(st.usage[0].total as u64, after);
-    unpublish_and_unstage(d, &id, &staging, &target).await;
+    unpublish_unstage(&mut d.c, &id, &target).await;
 }
 
 #[tokio::test]
@@ -749,28 +626,28 @@ async fn image_expanded_while_unstaged_grows_on_next_stage() {
     for (fs_type, from, to) in [("xfs", 300 * MIB, 600 * MIB), ("ext4", 64 * MIB, 96 * MIB)] {
         let id = format!("pvc-off-{fs_type}");
         let cap = mount_cap_fs(fs_type);
-        create(&mut d, image_create(&id, from, fs_type)).await;
-        let (staging, target) = (d.path("staging/off"), d.path("pods/off"));
-        stage_and_publish(&mut d, &id, &staging, &target, cap.clone()).await;
+        create_ok(&mut d.c, image_volume(&id, from, fs_type)).await;
+        let target = d.path("pods/off");
+        stage_publish(&mut d.c, &id, &target, cap.clone()).await;
         std::fs::write(target.join("keep"), b"kept").unwrap();
         let before = statvfs_total(&target);
-        unpublish_and_unstage(&mut d, &id, &staging, &target).await;
+        unpublish_unstage(&mut d.c, &id, &target).await;
         let r =
             d.c.controller
-                .controller_expand_volume(expand_req(&id, to, cap.clone()))
+                .controller_expand_volume(grow_req(&id, to, Some(cap.clone())))
                 .await
                 .unwrap()
                 .into_inner();
         assert_eq!(r.capacity_bytes, to);
-        stage_and_publish(&mut d, &id, &staging, &target, cap).await;
+        stage_publish(&mut d.c, &id, &target, cap).await;
         let after = statvfs_total(&target);
         assert!(
             after > before + (to - from) as u64 * 7 / 10,
             "{fs_type}: {before} -> {after}"
         );
         assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
-        unpublish_and_unstage(&mut d, &id, &staging, &target).await;
-        d.c.controller.delete_volume(delete_req(&id)).await.unwrap();
+        unpublish_unstage(&mut d.c, &id, &target).await;
+        delete_ok(&mut d.c, &id).await;
     }
     assert!(settled_loops(d.pool()).await.is_empty());
 }
@@ -780,11 +657,11 @@ async fn restart_after_kill9_then_clean_teardown() {
     let mut d = Driver::start().await;
     let before = loops_under(d.pool());
     assert!(before.is_empty());
-    create(&mut d, block_create("pvc-vm", 64 * MIB, &[])).await;
-    create(&mut d, image_create("pvc-fs", 300 * MIB, "xfs")).await;
-    let (bt, st, it) = (d.path("pods/vm"), d.path("staging/fs"), d.path("pods/fs"));
-    publish_block(&mut d, "pvc-vm", &bt, false).await;
-    stage_and_publish(&mut d, "pvc-fs", &st, &it, mount_cap_fs("xfs")).await;
+    create_ok(&mut d.c, block_volume("pvc-vm", 64 * MIB)).await;
+    create_ok(&mut d.c, image_volume("pvc-fs", 300 * MIB, "xfs")).await;
+    let (bt, it) = (d.path("pods/vm"), d.path("pods/fs"));
+    publish_ok(&mut d.c, "pvc-vm", &bt, block_rwo()).await;
+    stage_publish(&mut d.c, "pvc-fs", &it, mount_cap_fs("xfs")).await;
     let data = pattern(9, 1 << 20);
     dio_write(&bt, 0, &data).unwrap();
     std::fs::write(it.join("f"), b"before crash").unwrap();
@@ -809,7 +686,7 @@ async fn restart_after_kill9_then_clean_teardown() {
                 .into_inner();
         assert!(!r.volume_condition.unwrap().abnormal);
     }
-    publish_block(&mut d, "pvc-vm", &bt, false).await;
+    publish_ok(&mut d.c, "pvc-vm", &bt, block_rwo()).await;
     assert_eq!(mounts_under(&bt).len(), 1);
     let del =
         d.c.controller
@@ -818,19 +695,19 @@ async fn restart_after_kill9_then_clean_teardown() {
             .unwrap_err();
     assert_eq!(del.code(), Code::FailedPrecondition);
     d.c.controller
-        .controller_expand_volume(expand_req("pvc-vm", 96 * MIB, block_cap_rw()))
+        .controller_expand_volume(grow_req("pvc-vm", 96 * MIB, Some(block_rwo())))
         .await
         .unwrap();
     d.c.node
-        .node_expand_volume(node_expand_req("pvc-vm", &bt, 96 * MIB))
+        .node_expand_volume(node_grow_req("pvc-vm", &bt, 96 * MIB))
         .await
         .unwrap();
     assert_eq!(size_of(&bt), 96 << 20);
 
-    unpublish(&mut d, "pvc-vm", &bt).await;
-    unpublish_and_unstage(&mut d, "pvc-fs", &st, &it).await;
+    unpublish_ok(&mut d.c, "pvc-vm", &bt).await;
+    unpublish_unstage(&mut d.c, "pvc-fs", &it).await;
     for id in ["pvc-vm", "pvc-fs"] {
-        d.c.controller.delete_volume(delete_req(id)).await.unwrap();
+        delete_ok(&mut d.c, id).await;
     }
     assert_eq!(settled_loops(d.pool()).await, before, "leaked loop devices");
     assert!(mounts_under(d.dir.path()).is_empty());
@@ -840,13 +717,13 @@ async fn restart_after_kill9_then_clean_teardown() {
 #[tokio::test]
 async fn two_targets_share_one_loop_device() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-shared", 32 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-shared", 32 * MIB)).await;
     let (a, b) = (d.path("pods/a/dev"), d.path("pods/b/dev"));
     let mut c1 = d.c.node.clone();
     let mut c2 = d.c.node.clone();
     let (r1, r2) = tokio::join!(
-        c1.node_publish_volume(publish_req("pvc-shared", &a, block_cap_rw(), false)),
-        c2.node_publish_volume(publish_req("pvc-shared", &b, block_cap_rw(), false)),
+        c1.node_publish_volume(publish_req("pvc-shared", &a, block_rwo())),
+        c2.node_publish_volume(publish_req("pvc-shared", &b, block_rwo())),
     );
     r1.unwrap();
     r2.unwrap();
@@ -855,7 +732,7 @@ async fn two_targets_share_one_loop_device() {
     let data = pattern(1, 64 << 10);
     dio_write(&a, 0, &data).unwrap();
     assert_eq!(dio_read(&b, 0, data.len()), data);
-    unpublish(&mut d, "pvc-shared", &a).await;
+    unpublish_ok(&mut d.c, "pvc-shared", &a).await;
     assert!(!a.exists());
     assert_eq!(
         loops_under(d.pool()).len(),
@@ -866,18 +743,23 @@ async fn two_targets_share_one_loop_device() {
     dio_write(&b, 1 << 20, &more).unwrap();
     assert_eq!(dio_read(&b, 0, data.len()), data);
     assert_eq!(dio_read(&b, 1 << 20, more.len()), more);
-    unpublish(&mut d, "pvc-shared", &b).await;
+    unpublish_ok(&mut d.c, "pvc-shared", &b).await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
 
 #[tokio::test]
 async fn read_only_publish_attaches_read_only() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-ro", 32 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-ro", 32 * MIB)).await;
     let (ro, rw) = (d.path("pods/ro"), d.path("pods/rw"));
     // Read-only first, then a writer: each gets a device of its kind.
-    publish_block(&mut d, "pvc-ro", &ro, true).await;
-    publish_block(&mut d, "pvc-ro", &ro, true).await;
+    for _ in 0..2 {
+        let p = NodePublishVolumeRequest {
+            readonly: true,
+            ..publish_req("pvc-ro", &ro, block_rwo())
+        };
+        d.c.node.node_publish_volume(p).await.unwrap();
+    }
     assert_eq!(sysfs(loop_of(&ro), "ro"), "1");
     let e = dio_write(&ro, 0, &[1u8; 4096]).unwrap_err();
     assert!(
@@ -887,7 +769,7 @@ async fn read_only_publish_attaches_read_only() {
         ),
         "{e}"
     );
-    publish_block(&mut d, "pvc-ro", &rw, false).await;
+    publish_ok(&mut d.c, "pvc-ro", &rw, block_rwo()).await;
     assert_eq!(sysfs(loop_of(&rw), "ro"), "0");
     dio_write(&rw, 0, &[2u8; 4096]).unwrap();
     assert_eq!(dio_read(&ro, 0, 4096), vec![2u8; 4096]);
@@ -898,59 +780,56 @@ async fn read_only_publish_attaches_read_only() {
     // The same target asked again with the other mode is a conflict.
     let r =
         d.c.node
-            .node_publish_volume(publish_req("pvc-ro", &ro, block_cap_rw(), false))
+            .node_publish_volume(publish_req("pvc-ro", &ro, block_rwo()))
             .await;
     assert_eq!(code(&r), Code::AlreadyExists);
     // The volume is still in use while either remains.
-    unpublish(&mut d, "pvc-ro", &rw).await;
+    unpublish_ok(&mut d.c, "pvc-ro", &rw).await;
     assert_eq!(loops_under(d.pool()).len(), 1);
     assert_eq!(dio_read(&ro, 0, 4096), vec![2u8; 4096]);
     assert_eq!(
         code(&d.c.controller.delete_volume(delete_req("pvc-ro")).await),
         Code::FailedPrecondition
     );
-    unpublish(&mut d, "pvc-ro", &ro).await;
+    unpublish_ok(&mut d.c, "pvc-ro", &ro).await;
     assert!(settled_loops(d.pool()).await.is_empty());
     // A reader-only access mode is read-only too.
-    publish_block(&mut d, "pvc-ro", &rw, false).await;
-    let cap = block_cap(Mode::SingleNodeReaderOnly);
-    d.c.node
-        .node_publish_volume(publish_req("pvc-ro", &ro, cap, false))
-        .await
-        .unwrap();
+    publish_ok(&mut d.c, "pvc-ro", &rw, block_rwo()).await;
+    publish_ok(
+        &mut d.c,
+        "pvc-ro",
+        &ro,
+        block_cap(Mode::SingleNodeReaderOnly),
+    )
+    .await;
     assert_eq!(sysfs(loop_of(&ro), "ro"), "1");
     assert_ne!(loop_of(&ro), loop_of(&rw));
-    unpublish(&mut d, "pvc-ro", &ro).await;
-    unpublish(&mut d, "pvc-ro", &rw).await;
+    unpublish_ok(&mut d.c, "pvc-ro", &ro).await;
+    unpublish_ok(&mut d.c, "pvc-ro", &rw).await;
     assert!(settled_loops(d.pool()).await.is_empty());
     // Image volume published read-only: the bind mount refuses writes.
-    create(&mut d, image_create("pvc-img-ro", 64 * MIB, "ext4")).await;
-    let (st, t) = (d.path("staging/img"), d.path("pods/img"));
-    let cap = mount_cap_fs("ext4");
-    d.c.node
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: "pvc-img-ro".into(),
-            staging_target_path: s(&st),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut p = publish_req("pvc-img-ro", &t, cap, true);
-    p.staging_target_path = s(&st);
+    create_ok(&mut d.c, image_volume("pvc-img-ro", 64 * MIB, "ext4")).await;
+    // The staging directory is left for the driver to make.
+    let (t, cap) = (d.path("pods/img"), mount_cap_fs("ext4"));
+    let stage = stage_req("pvc-img-ro", &staging_for(&t), cap.clone());
+    d.c.node.node_stage_volume(stage).await.unwrap();
+    let p = NodePublishVolumeRequest {
+        readonly: true,
+        ..publish_req("pvc-img-ro", &t, cap)
+    };
     d.c.node.node_publish_volume(p).await.unwrap();
     let e = std::fs::write(t.join("x"), b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-    unpublish_and_unstage(&mut d, "pvc-img-ro", &st, &t).await;
+    unpublish_unstage(&mut d.c, "pvc-img-ro", &t).await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
 
 #[tokio::test]
 async fn delete_of_attached_volume_names_the_loop_device() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-busy", 16 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-busy", 16 * MIB)).await;
     let t = d.path("pods/busy");
-    publish_block(&mut d, "pvc-busy", &t, false).await;
+    publish_ok(&mut d.c, "pvc-busy", &t, block_rwo()).await;
     let dev = format!("/dev/loop{}", loop_of(&t));
     let e =
         d.c.controller
@@ -964,23 +843,13 @@ async fn delete_of_attached_volume_names_the_loop_device() {
         e.message()
     );
     assert!(d.pool().join("pvc-busy").exists());
-    unpublish(&mut d, "pvc-busy", &t).await;
-    d.c.controller
-        .delete_volume(delete_req("pvc-busy"))
-        .await
-        .unwrap();
+    unpublish_ok(&mut d.c, "pvc-busy", &t).await;
+    delete_ok(&mut d.c, "pvc-busy").await;
     // A staged image volume is attached as well.
-    create(&mut d, image_create("pvc-busy-img", 64 * MIB, "ext4")).await;
+    create_ok(&mut d.c, image_volume("pvc-busy-img", 64 * MIB, "ext4")).await;
     let st = d.path("staging/busy");
-    d.c.node
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: "pvc-busy-img".into(),
-            staging_target_path: s(&st),
-            volume_capability: Some(mount_cap_fs("ext4")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stage = stage_req("pvc-busy-img", &st, mount_cap_fs("ext4"));
+    d.c.node.node_stage_volume(stage).await.unwrap();
     let e =
         d.c.controller
             .delete_volume(delete_req("pvc-busy-img"))
@@ -988,68 +857,50 @@ async fn delete_of_attached_volume_names_the_loop_device() {
             .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("/dev/loop"), "{}", e.message());
-    d.c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: "pvc-busy-img".into(),
-            staging_target_path: s(&st),
-        })
-        .await
-        .unwrap();
-    d.c.controller
-        .delete_volume(delete_req("pvc-busy-img"))
-        .await
-        .unwrap();
+    let unstage = unstage_req("pvc-busy-img", &st);
+    d.c.node.node_unstage_volume(unstage).await.unwrap();
+    delete_ok(&mut d.c, "pvc-busy-img").await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
 
 #[tokio::test]
 async fn block_validation_and_validate_volume_capabilities() {
     let mut d = Driver::start().await;
-    let blk = create(&mut d, block_create("pvc-blk", 16 * MIB, &[])).await;
-    let img = create(&mut d, image_create("pvc-img", 64 * MIB, "ext4")).await;
-    // mount_flags on a Block volume.
-    let mut flagged = mount_cap(Mode::SingleNodeWriter);
-    if let Some(AccessType::Mount(m)) = &mut flagged.access_type {
-        m.mount_flags = vec!["noexec".into()];
-    }
+    let blk = create_ok(&mut d.c, block_volume("pvc-blk", 16 * MIB)).await;
+    let img = create_ok(&mut d.c, image_volume("pvc-img", 64 * MIB, "ext4")).await;
     let t = d.path("pods/blk");
-    let r =
-        d.c.node
-            .node_publish_volume(publish_req("pvc-blk", &t, flagged, false))
-            .await;
-    // A mount capability exceeds what a Block volume offers.
-    assert_eq!(code(&r), Code::FailedPrecondition);
-    assert!(!t.exists());
-    // Image volumes need staging first.
-    let r =
-        d.c.node
-            .node_publish_volume(publish_req(
-                "pvc-img",
-                &d.path("pods/img"),
-                mount_cap_fs("ext4"),
-                false,
-            ))
-            .await;
-    assert_eq!(code(&r), Code::FailedPrecondition);
-    // A block capability for an image volume and vice versa.
-    let r =
-        d.c.node
-            .node_publish_volume(publish_req("pvc-img", &t, block_cap_rw(), false))
-            .await;
-    assert_eq!(code(&r), Code::FailedPrecondition);
+    for (what, req, want) in [
+        // A mount capability (with mount_flags) exceeds what a Block volume offers.
+        (
+            "mount flags on a Block volume",
+            publish_req("pvc-blk", &t, mount_cap_flags(&["noexec"])),
+            Code::FailedPrecondition,
+        ),
+        (
+            "an image volume not staged first",
+            publish_req("pvc-img", &d.path("pods/img"), mount_cap_fs("ext4")),
+            Code::FailedPrecondition,
+        ),
+        (
+            "a block capability for an image volume",
+            publish_req("pvc-img", &t, block_rwo()),
+            Code::FailedPrecondition,
+        ),
+    ] {
+        assert_code(&d.c.node.node_publish_volume(req).await, want, what);
+        assert!(!t.exists(), "{what}");
+    }
     assert!(loops_under(d.pool()).is_empty());
     // An ext4 image cannot be staged as xfs: the capability exceeds it.
     let st = d.path("staging/img");
     let r =
         d.c.node
-            .node_stage_volume(NodeStageVolumeRequest {
-                volume_id: "pvc-img".into(),
-                staging_target_path: s(&st),
-                volume_capability: Some(mount_cap_fs("xfs")),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
+            .node_stage_volume(stage_req("pvc-img", &st, mount_cap_fs("xfs")));
+    assert_code(
+        &r.await,
+        Code::FailedPrecondition,
+        "an ext4 image staged as xfs",
+    );
     assert!(mounts_under(d.dir.path()).is_empty());
     assert!(loops_under(d.pool()).is_empty());
 
@@ -1069,7 +920,7 @@ async fn block_validation_and_validate_volume_capabilities() {
                 .into_inner(),
         )
     };
-    assert!(check(&blk, block_cap_rw()).await);
+    assert!(check(&blk, block_rwo()).await);
     assert!(check(&blk, block_cap(Mode::SingleNodeReaderOnly)).await);
     assert!(!check(&blk, rwo()).await);
     assert!(!check(&blk, block_cap(Mode::MultiNodeMultiWriter)).await);
@@ -1082,16 +933,16 @@ async fn block_validation_and_validate_volume_capabilities() {
         !check(&img, mount_cap_fs("xfs")).await,
         "an ext4 image cannot be mounted as xfs"
     );
-    assert!(!check(&img, block_cap_rw()).await);
+    assert!(!check(&img, block_rwo()).await);
     // A capability without access mode or type is malformed, not unsupported.
     for cap in [
         VolumeCapability {
             access_mode: None,
-            ..block_cap_rw()
+            ..block_rwo()
         },
         VolumeCapability {
             access_type: None,
-            ..block_cap_rw()
+            ..block_rwo()
         },
     ] {
         let r = ctl.validate_volume_capabilities(validate(&blk, cap)).await;
@@ -1120,9 +971,9 @@ async fn block_validation_and_validate_volume_capabilities() {
 #[tokio::test]
 async fn stats_and_condition_of_block_volumes() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-st", 48 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-st", 48 * MIB)).await;
     let t = d.path("pods/st");
-    publish_block(&mut d, "pvc-st", &t, false).await;
+    publish_ok(&mut d.c, "pvc-st", &t, block_rwo()).await;
     let r =
         d.c.node
             .node_get_volume_stats(stats_req("pvc-st", &t))
@@ -1181,7 +1032,7 @@ async fn stats_and_condition_of_block_volumes() {
         assert!(cond.abnormal, "{cond:?}");
         // Unpublish must neither detach nor unmount a device that now
         // backs another file: it may be someone else's publication.
-        unpublish(&mut d, "pvc-st", &t).await;
+        unpublish_ok(&mut d.c, "pvc-st", &t).await;
         assert_eq!(loops_under(d.dir.path()), vec![other.clone()]);
         assert_eq!(mounts_under(&t), vec![t.clone()], "the bind was undone");
         let _ = std::process::Command::new("losetup")
@@ -1192,10 +1043,10 @@ async fn stats_and_condition_of_block_volumes() {
         // (unless another process took loop{n} meanwhile: then the bind is
         // theirs to see, and is left alone).
         let _ = settled_loops(d.dir.path()).await;
-        unpublish(&mut d, "pvc-st", &t).await;
+        unpublish_ok(&mut d.c, "pvc-st", &t).await;
     } else {
         // Someone else took loop{n} first.
-        unpublish(&mut d, "pvc-st", &t).await;
+        unpublish_ok(&mut d.c, "pvc-st", &t).await;
     }
     if !mounts_under(&t).is_empty() {
         // Left alone only because another process attached loop{n} since.
@@ -1207,12 +1058,9 @@ async fn stats_and_condition_of_block_volumes() {
     assert!(!t.exists());
     assert!(mounts_under(d.dir.path()).is_empty());
     // Republish works again after the loss.
-    publish_block(&mut d, "pvc-st", &t, false).await;
-    unpublish(&mut d, "pvc-st", &t).await;
-    d.c.controller
-        .delete_volume(delete_req("pvc-st"))
-        .await
-        .unwrap();
+    publish_ok(&mut d.c, "pvc-st", &t, block_rwo()).await;
+    unpublish_ok(&mut d.c, "pvc-st", &t).await;
+    delete_ok(&mut d.c, "pvc-st").await;
     // Unknown path for a known volume is NOT_FOUND.
     assert_eq!(
         code(
@@ -1236,7 +1084,7 @@ fn all_at_once(
             let (id, target) = (format!("pvc-p{i}"), d.path(&format!("pods/p{i}/dev")));
             tokio::spawn(async move {
                 if publish {
-                    c.node_publish_volume(publish_req(&id, &target, block_cap_rw(), false))
+                    c.node_publish_volume(publish_req(&id, &target, block_rwo()))
                         .await
                         .map(drop)
                 } else {
@@ -1258,7 +1106,7 @@ async fn many_parallel_block_publishes() {
     let mut drivers = vec![Driver::start().await, Driver::start().await];
     for d in &mut drivers {
         for i in 0..N {
-            create(d, block_create(&format!("pvc-p{i}"), 8 * MIB, &[])).await;
+            create_ok(&mut d.c, block_volume(&format!("pvc-p{i}"), 8 * MIB)).await;
         }
     }
     let tasks: Vec<_> = drivers
@@ -1304,18 +1152,18 @@ async fn many_parallel_block_publishes() {
 #[tokio::test]
 async fn deferred_detach_is_not_reused() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-held", 16 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-held", 16 * MIB)).await;
     let t = d.path("pods/held");
-    publish_block(&mut d, "pvc-held", &t, false).await;
+    publish_ok(&mut d.c, "pvc-held", &t, block_rwo()).await;
     let n = loop_of(&t);
     let held = File::open(format!("/dev/loop{n}")).unwrap();
-    unpublish(&mut d, "pvc-held", &t).await;
+    unpublish_ok(&mut d.c, "pvc-held", &t).await;
     assert_eq!(
         sysfs(n, "loop/autoclear"),
         "1",
         "detach deferred while open"
     );
-    publish_block(&mut d, "pvc-held", &t, false).await;
+    publish_ok(&mut d.c, "pvc-held", &t, block_rwo()).await;
     let m = loop_of(&t);
     assert_ne!(m, n, "reused a device that goes away at the next close");
     drop(held);
@@ -1323,7 +1171,7 @@ async fn deferred_detach_is_not_reused() {
     let data = pattern(4, 4096);
     dio_write(&t, 0, &data).unwrap();
     assert_eq!(file_read(&d.pool().join("pvc-held"), 0, 4096), data);
-    unpublish(&mut d, "pvc-held", &t).await;
+    unpublish_ok(&mut d.c, "pvc-held", &t).await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
 
@@ -1333,21 +1181,18 @@ async fn deferred_detach_is_not_reused() {
 #[tokio::test]
 async fn delete_right_after_unpublish_waits_for_a_deferred_detach() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-brief", 16 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-brief", 16 * MIB)).await;
     let t = d.path("pods/brief");
-    publish_block(&mut d, "pvc-brief", &t, false).await;
+    publish_ok(&mut d.c, "pvc-brief", &t, block_rwo()).await;
     let n = loop_of(&t);
     let held = File::open(format!("/dev/loop{n}")).unwrap();
-    unpublish(&mut d, "pvc-brief", &t).await;
+    unpublish_ok(&mut d.c, "pvc-brief", &t).await;
     assert_eq!(sysfs(n, "loop/autoclear"), "1", "detach must be pending");
     let closer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         drop(held);
     });
-    d.c.controller
-        .delete_volume(delete_req("pvc-brief"))
-        .await
-        .unwrap();
+    delete_ok(&mut d.c, "pvc-brief").await;
     closer.join().unwrap();
     assert!(!d.pool().join("pvc-brief").exists());
     assert!(loops_under(d.pool()).is_empty());
@@ -1358,7 +1203,7 @@ async fn delete_right_after_unpublish_waits_for_a_deferred_detach() {
 #[tokio::test]
 async fn device_left_by_a_crash_is_reused_or_released() {
     let mut d = Driver::start().await;
-    create(&mut d, block_create("pvc-left", 16 * MIB, &[])).await;
+    create_ok(&mut d.c, block_volume("pvc-left", 16 * MIB)).await;
     let file = d.pool().join("pvc-left");
     let attach = || {
         let ok = std::process::Command::new("losetup")
@@ -1371,25 +1216,22 @@ async fn device_left_by_a_crash_is_reused_or_released() {
     attach();
     d.restart().await;
     let t = d.path("pods/left");
-    publish_block(&mut d, "pvc-left", &t, false).await;
+    publish_ok(&mut d.c, "pvc-left", &t, block_rwo()).await;
     assert_eq!(
         loops_under(d.pool()).len(),
         1,
         "the leftover device is reused"
     );
-    unpublish(&mut d, "pvc-left", &t).await;
+    unpublish_ok(&mut d.c, "pvc-left", &t).await;
     assert!(settled_loops(d.pool()).await.is_empty());
     attach();
     d.restart().await;
-    unpublish(&mut d, "pvc-left", &t).await;
+    unpublish_ok(&mut d.c, "pvc-left", &t).await;
     assert!(
         settled_loops(d.pool()).await.is_empty(),
         "unpublish releases it"
     );
-    d.c.controller
-        .delete_volume(delete_req("pvc-left"))
-        .await
-        .unwrap();
+    delete_ok(&mut d.c, "pvc-left").await;
 }
 
 #[tokio::test]
@@ -1440,48 +1282,17 @@ async fn capabilities_advertise_block_features() {
 #[tokio::test]
 async fn node_expansion_alone_grows_the_volume() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(block_create("pvc-nodegrow", 64 * MIB, &[]))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, block_volume("pvc-nodegrow", 64 * MIB)).await;
     let target = d.path("pods/nodegrow");
-    d.c.node
-        .node_publish_volume(publish_req("pvc-nodegrow", &target, block_cap_rw(), false))
-        .await
-        .unwrap();
+    publish_ok(&mut d.c, "pvc-nodegrow", &target, block_rwo()).await;
     let r =
         d.c.node
-            .node_expand_volume(NodeExpandVolumeRequest {
-                volume_id: "pvc-nodegrow".into(),
-                volume_path: s(&target),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: 128 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(r.capacity_bytes, 128 * MIB);
+            .node_expand_volume(node_grow_req("pvc-nodegrow", &target, 128 * MIB));
+    assert_eq!(r.await.unwrap().into_inner().capacity_bytes, 128 * MIB);
     assert_eq!(size_of(&target), 128 << 20);
-    let v =
-        d.c.controller
-            .controller_get_volume(ControllerGetVolumeRequest {
-                volume_id: "pvc-nodegrow".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(v.volume.unwrap().capacity_bytes, 128 * MIB);
-    d.c.node
-        .node_unpublish_volume(unpublish_req("pvc-nodegrow", &target))
-        .await
-        .unwrap();
-    d.c.controller
-        .delete_volume(delete_req("pvc-nodegrow"))
-        .await
-        .unwrap();
+    assert_eq!(reported_capacity(&mut d.c, "pvc-nodegrow").await, 128 * MIB);
+    unpublish_ok(&mut d.c, "pvc-nodegrow", &target).await;
+    delete_ok(&mut d.c, "pvc-nodegrow").await;
 }
 
 /// Detaches on drop, so a failed assertion leaves no device behind.

@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostpath_csi::proto::group_controller_service_capability::rpc::Type as GroupCap;
-use hostpath_csi::proto::volume_capability::access_mode::Mode;
-use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type as Src, VolumeSource};
 use hostpath_csi::proto::*;
 use nix::fcntl::{RenameFlags, AT_FDCWD};
 use nix::sys::stat::Mode as Perm;
@@ -29,108 +27,6 @@ use tonic::Code;
 const UMIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- requests
-
-fn from_volume(id: &str) -> Option<VolumeContentSource> {
-    Some(VolumeContentSource {
-        r#type: Some(Src::Volume(VolumeSource {
-            volume_id: id.into(),
-        })),
-    })
-}
-
-fn from_snapshot(id: &str) -> Option<VolumeContentSource> {
-    Some(VolumeContentSource {
-        r#type: Some(Src::Snapshot(SnapshotSource {
-            snapshot_id: id.into(),
-        })),
-    })
-}
-
-fn block(name: &str, size: i64) -> CreateVolumeRequest {
-    create_req(name, size, block_cap(Mode::SingleNodeWriter))
-}
-
-fn dir(name: &str, size: i64) -> CreateVolumeRequest {
-    create_req(name, size, rwo())
-}
-
-fn image(name: &str, size: i64) -> CreateVolumeRequest {
-    let mut r = create_req(name, size, rwo());
-    r.parameters = params(&[("layout", "image")]);
-    r
-}
-
-fn cloned(mut r: CreateVolumeRequest, source: &str) -> CreateVolumeRequest {
-    r.volume_content_source = from_volume(source);
-    r
-}
-
-fn restored(mut r: CreateVolumeRequest, snapshot: &str) -> CreateVolumeRequest {
-    r.volume_content_source = from_snapshot(snapshot);
-    r
-}
-
-fn snap(name: &str, source: &str) -> CreateSnapshotRequest {
-    CreateSnapshotRequest {
-        name: name.into(),
-        source_volume_id: source.into(),
-        ..Default::default()
-    }
-}
-
-fn list_snaps(id: &str, source: &str, max: i32, token: &str) -> ListSnapshotsRequest {
-    ListSnapshotsRequest {
-        snapshot_id: id.into(),
-        source_volume_id: source.into(),
-        max_entries: max,
-        starting_token: token.into(),
-        ..Default::default()
-    }
-}
-
-async fn create(d: &mut Driver, r: CreateVolumeRequest) -> Volume {
-    let name = r.name.clone();
-    match d.c.controller.create_volume(r).await {
-        Ok(v) => v.into_inner().volume.unwrap(),
-        Err(s) => panic!("create {name}: {s:?}\n{}", d.log()),
-    }
-}
-
-async fn delete(d: &mut Driver, id: &str) {
-    d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
-async fn snapshot_ids(d: &mut Driver) -> Vec<String> {
-    let r =
-        d.c.controller
-            .list_snapshots(list_snaps("", "", 0, ""))
-            .await
-            .unwrap();
-    r.into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.snapshot.unwrap().snapshot_id)
-        .collect()
-}
-
-async fn volume_ids(d: &mut Driver) -> Vec<String> {
-    let r =
-        d.c.controller
-            .list_volumes(ListVolumesRequest::default())
-            .await
-            .unwrap();
-    r.into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect()
-}
 
 // ------------------------------------------------------------ file helpers
 
@@ -230,10 +126,6 @@ fn digest(path: &Path) -> (u64, u64) {
 }
 
 /// Bytes allocated to a file.
-fn allocated(path: &Path) -> u64 {
-    fs::symlink_metadata(path).unwrap().blocks() * 512
-}
-
 fn free_bytes(path: &Path) -> u64 {
     let st = nix::sys::statvfs::statvfs(path).unwrap();
     st.blocks_available() * st.fragment_size()
@@ -374,67 +266,6 @@ fn xfs_errors_since(from: usize) -> Vec<String> {
 
 // ------------------------------------------------------ node-side helpers
 
-struct Mounted {
-    staging: PathBuf,
-    target: PathBuf,
-}
-
-async fn stage_and_publish(d: &mut Driver, id: &str) -> Mounted {
-    let staging = d.path(&format!("staging-{id}"));
-    let target = d.path(&format!("pods/{id}/mount"));
-    fs::create_dir_all(&staging).unwrap();
-    d.c.node
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: staging.to_string_lossy().into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|s| panic!("stage {id}: {s:?}"));
-    d.c.node
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: target.to_string_lossy().into(),
-            staging_target_path: staging.to_string_lossy().into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|s| panic!("publish {id}: {s:?}"));
-    Mounted { staging, target }
-}
-
-async fn unpublish_and_unstage(d: &mut Driver, id: &str, m: &Mounted) {
-    d.c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: m.target.to_string_lossy().into(),
-        })
-        .await
-        .unwrap();
-    d.c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: m.staging.to_string_lossy().into(),
-        })
-        .await
-        .unwrap();
-}
-
-/// Thaws a filesystem when dropped, so a failing test never leaves one frozen.
-struct ThawGuard(PathBuf);
-
-impl Drop for ThawGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .arg("-u")
-            .arg(&self.0)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// Writes 64 KiB files (`w-<n>`, every byte `n`) with fsync until stopped.
 struct Writer {
     stop: Arc<AtomicBool>,
@@ -509,7 +340,7 @@ async fn block_clone_on_a_btrfs_subvolume_reflinks_and_keeps_holes() {
 }
 
 async fn block_clone_reflinks(mut d: Driver, check_pool_space: bool) {
-    create(&mut d, block("src", 4 * GIB)).await;
+    create_ok(&mut d.c, block_volume("src", 4 * GIB)).await;
     let src = d.pool().join("src");
     write_scattered(&src, 1, 48);
     let want = digest(&src);
@@ -518,15 +349,11 @@ async fn block_clone_reflinks(mut d: Driver, check_pool_space: bool) {
     nix::unistd::sync();
     let free_before = free_bytes(d.pool());
 
-    create(&mut d, cloned(block("same", 4 * GIB), "src")).await;
-    let grown = create(&mut d, cloned(block("grown", 6 * GIB), "src")).await;
+    create_ok(&mut d.c, clone_of(block_volume("same", 4 * GIB), "src")).await;
+    let grown = create_ok(&mut d.c, clone_of(block_volume("grown", 6 * GIB), "src")).await;
     assert_eq!(grown.capacity_bytes, 6 * GIB);
-    let snapshot =
-        d.c.controller
-            .create_snapshot(snap("snap", "src"))
-            .await
-            .unwrap();
-    assert!(snapshot.into_inner().snapshot.unwrap().ready_to_use);
+    let snapshot = snapshot_ok(&mut d.c, "snap", "src").await;
+    assert!(snapshot.ready_to_use);
     let snap_data = private(&d, "snapshots/snap/data");
     for (name, len) in [("same", 4 * GIB), ("grown", 6 * GIB)] {
         let p = d.pool().join(name);
@@ -562,7 +389,7 @@ async fn block_clone_reflinks(mut d: Driver, check_pool_space: bool) {
         "reflinks used {used} bytes of pool space"
     );
     // Restoring the snapshot reflinks again.
-    create(&mut d, restored(block("back", 4 * GIB), "snap")).await;
+    create_ok(&mut d.c, restore_of(block_volume("back", 4 * GIB), "snap")).await;
     assert_eq!(digest(&d.pool().join("back")), want);
     // Writes to a clone stay private to it.
     write_scattered(&d.pool().join("same"), 99, 4);
@@ -574,19 +401,16 @@ async fn block_clone_reflinks(mut d: Driver, check_pool_space: bool) {
 async fn block_clone_on_ext4_keeps_holes() {
     let fs = LoopFs::new("ext4", 8192);
     let mut d = Driver::start_with(&[("ext4", Some(fs.mount_point.join("pool")))]).await;
-    create(&mut d, block("src", 4 * GIB)).await;
+    create_ok(&mut d.c, block_volume("src", 4 * GIB)).await;
     let src = d.pool().join("src");
     write_scattered(&src, 2, 48);
     let want = digest(&src);
     let src_alloc = allocated(&src);
     drop_caches();
-    create(&mut d, cloned(block("same", 4 * GIB), "src")).await;
-    create(&mut d, cloned(block("grown", 5 * GIB), "src")).await;
-    d.c.controller
-        .create_snapshot(snap("snap", "src"))
-        .await
-        .unwrap();
-    create(&mut d, cloned(dir("as-fs", 5 * GIB), "src")).await;
+    create_ok(&mut d.c, clone_of(block_volume("same", 4 * GIB), "src")).await;
+    create_ok(&mut d.c, clone_of(block_volume("grown", 5 * GIB), "src")).await;
+    snapshot_ok(&mut d.c, "snap", "src").await;
+    create_ok(&mut d.c, clone_of(dir_volume("as-fs", 5 * GIB), "src")).await;
     let copies = [
         d.pool().join("same"),
         d.pool().join("grown"),
@@ -608,7 +432,7 @@ async fn block_clone_on_ext4_keeps_holes() {
     // A smaller target is refused and leaves nothing behind.
     let r =
         d.c.controller
-            .create_volume(cloned(block("small", 2 * GIB), "src"))
+            .create_volume(clone_of(block_volume("small", 2 * GIB), "src"))
             .await;
     assert_eq!(code(&r), Code::OutOfRange);
     assert!(!d.pool().join("small").exists());
@@ -844,7 +668,7 @@ async fn tree_clone_on(fs_type: &str) {
         (1_400_000_000, 0),
         (1_400_000_000, 0),
     );
-    create(&mut d, dir("src", 256 * MIB)).await;
+    create_ok(&mut d.c, dir_volume("src", 256 * MIB)).await;
     let src = d.pool().join("src");
     build_awkward_tree(&src, &outside, fs_type == "xfs");
     let before = describe(&src);
@@ -853,7 +677,7 @@ async fn tree_clone_on(fs_type: &str) {
         (st.atime(), st.atime_nsec())
     };
     let src_atime = atime(&src);
-    create(&mut d, cloned(dir("dst", 256 * MIB), "src")).await;
+    create_ok(&mut d.c, clone_of(dir_volume("dst", 256 * MIB), "src")).await;
     let dst = d.pool().join("dst");
     // Access times are copied, and the copy's reads leave the source's alone.
     assert_eq!(atime(&dst), src_atime);
@@ -923,7 +747,7 @@ async fn tree_clone_never_follows_links_swapped_in_during_the_copy() {
         fs::write(outside.join(format!("f{i}")), b"HOST-SECRET").unwrap();
     }
     fs::write(outside.join("disk.img"), b"HOST-SECRET").unwrap();
-    create(&mut d, dir("src", GIB)).await;
+    create_ok(&mut d.c, dir_volume("src", GIB)).await;
     let src = d.pool().join("src");
     let mut pairs = Vec::new();
     for base in [src.clone(), src.join("n")] {
@@ -963,7 +787,8 @@ async fn tree_clone_never_follows_links_swapped_in_during_the_copy() {
         let name = format!("c{i}");
         let r = tokio::time::timeout(
             Duration::from_secs(60),
-            d.c.controller.create_volume(cloned(dir(&name, GIB), "src")),
+            d.c.controller
+                .create_volume(clone_of(dir_volume(&name, GIB), "src")),
         )
         .await
         .expect("a clone hung (a FIFO was opened?)");
@@ -981,7 +806,7 @@ async fn tree_clone_never_follows_links_swapped_in_during_the_copy() {
         let r = tokio::time::timeout(
             Duration::from_secs(60),
             d.c.controller
-                .create_volume(cloned(block(&format!("b{i}"), 16 * MIB), "src")),
+                .create_volume(clone_of(block_volume(&format!("b{i}"), 16 * MIB), "src")),
         )
         .await
         .expect("a Filesystem-to-Block clone hung");
@@ -1014,19 +839,16 @@ async fn tree_clone_never_follows_links_swapped_in_during_the_copy() {
 #[tokio::test]
 async fn deep_trees_are_copied_or_refused_cleanly() {
     let mut d = Driver::start().await;
-    create(&mut d, dir("deep", GIB)).await;
+    create_ok(&mut d.c, dir_volume("deep", GIB)).await;
     make_deep(&d.pool().join("deep"), 1500);
-    create(&mut d, cloned(dir("deep-copy", GIB), "deep")).await;
+    create_ok(&mut d.c, clone_of(dir_volume("deep-copy", GIB), "deep")).await;
     assert_eq!(depth_of(&d.pool().join("deep-copy")), 1500);
-    d.c.controller
-        .create_snapshot(snap("deep-snap", "deep"))
-        .await
-        .unwrap();
-    create(&mut d, dir("deeper", GIB)).await;
+    snapshot_ok(&mut d.c, "deep-snap", "deep").await;
+    create_ok(&mut d.c, dir_volume("deeper", GIB)).await;
     make_deep(&d.pool().join("deeper"), 3000);
     let r =
         d.c.controller
-            .create_volume(cloned(dir("deeper-copy", GIB), "deeper"))
+            .create_volume(clone_of(dir_volume("deeper-copy", GIB), "deeper"))
             .await;
     assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
     assert!(
@@ -1044,10 +866,10 @@ async fn deep_trees_are_copied_or_refused_cleanly() {
 async fn cross_mode_clones_follow_the_disk_img_convention() {
     let mut d = Driver::start().await;
     // Block -> Filesystem: the disk becomes <target>/disk.img.
-    create(&mut d, block("blk", 64 * MIB)).await;
+    create_ok(&mut d.c, block_volume("blk", 64 * MIB)).await;
     write_scattered(&d.pool().join("blk"), 3, 8);
     let want = digest(&d.pool().join("blk"));
-    create(&mut d, cloned(dir("fs", 64 * MIB), "blk")).await;
+    create_ok(&mut d.c, clone_of(dir_volume("fs", 64 * MIB), "blk")).await;
     let img = d.pool().join("fs/disk.img");
     assert_eq!(digest(&img), want);
     assert!(near(
@@ -1057,13 +879,13 @@ async fn cross_mode_clones_follow_the_disk_img_convention() {
     ));
     let r =
         d.c.controller
-            .create_volume(cloned(dir("fs-small", 32 * MIB), "blk"))
+            .create_volume(clone_of(dir_volume("fs-small", 32 * MIB), "blk"))
             .await;
     assert_eq!(code(&r), Code::OutOfRange);
 
     // Filesystem holding disk.img -> Block. CDI sizes the Filesystem PVC
     // above the disk (filesystem overhead), so only disk.img must fit.
-    create(&mut d, dir("cdi", 10 * GIB)).await;
+    create_ok(&mut d.c, dir_volume("cdi", 10 * GIB)).await;
     let disk = d.pool().join("cdi/disk.img");
     File::create(&disk)
         .unwrap()
@@ -1071,7 +893,11 @@ async fn cross_mode_clones_follow_the_disk_img_convention() {
         .unwrap();
     write_scattered(&disk, 4, 6);
     let (disk_len, disk_hash) = digest(&disk);
-    let v = create(&mut d, cloned(block("blk2", 100 * MIB + 4096), "cdi")).await;
+    let v = create_ok(
+        &mut d.c,
+        clone_of(block_volume("blk2", 100 * MIB + 4096), "cdi"),
+    )
+    .await;
     assert_eq!(v.capacity_bytes, 101 * MIB);
     let blk2 = d.pool().join("blk2");
     assert_eq!(fs::metadata(&blk2).unwrap().len(), 101 * UMIB);
@@ -1079,38 +905,36 @@ async fn cross_mode_clones_follow_the_disk_img_convention() {
     assert!(disk_len < 101 * UMIB);
     let r =
         d.c.controller
-            .create_volume(cloned(block("blk-small", 100 * MIB), "cdi"))
+            .create_volume(clone_of(block_volume("blk-small", 100 * MIB), "cdi"))
             .await;
     assert_eq!(code(&r), Code::OutOfRange, "{r:?}");
     // And through a snapshot of each side.
-    d.c.controller
-        .create_snapshot(snap("blk-snap", "blk"))
-        .await
-        .unwrap();
-    create(&mut d, restored(dir("fs-from-snap", 64 * MIB), "blk-snap")).await;
+    snapshot_ok(&mut d.c, "blk-snap", "blk").await;
+    create_ok(
+        &mut d.c,
+        restore_of(dir_volume("fs-from-snap", 64 * MIB), "blk-snap"),
+    )
+    .await;
     assert_eq!(digest(&d.pool().join("fs-from-snap/disk.img")), want);
-    d.c.controller
-        .create_snapshot(snap("cdi-snap", "cdi"))
-        .await
-        .unwrap();
-    create(
-        &mut d,
-        restored(block("blk-from-snap", 101 * MIB), "cdi-snap"),
+    snapshot_ok(&mut d.c, "cdi-snap", "cdi").await;
+    create_ok(
+        &mut d.c,
+        restore_of(block_volume("blk-from-snap", 101 * MIB), "cdi-snap"),
     )
     .await;
     assert_eq!(digest(&d.pool().join("blk-from-snap")).1, disk_hash);
 
     // A directory without a regular disk.img cannot become a disk.
-    create(&mut d, dir("no-disk", GIB)).await;
+    create_ok(&mut d.c, dir_volume("no-disk", GIB)).await;
     let r =
         d.c.controller
-            .create_volume(cloned(block("x1", GIB), "no-disk"))
+            .create_volume(clone_of(block_volume("x1", GIB), "no-disk"))
             .await;
     assert_eq!(code(&r), Code::InvalidArgument);
     std::os::unix::fs::symlink("/etc/passwd", d.pool().join("no-disk/disk.img")).unwrap();
     let r =
         d.c.controller
-            .create_volume(cloned(block("x2", GIB), "no-disk"))
+            .create_volume(clone_of(block_volume("x2", GIB), "no-disk"))
             .await;
     assert_eq!(code(&r), Code::InvalidArgument);
     fs::remove_file(d.pool().join("no-disk/disk.img")).unwrap();
@@ -1122,27 +946,27 @@ async fn cross_mode_clones_follow_the_disk_img_convention() {
     let r = tokio::time::timeout(
         Duration::from_secs(30),
         d.c.controller
-            .create_volume(cloned(block("x3", GIB), "no-disk")),
+            .create_volume(clone_of(block_volume("x3", GIB), "no-disk")),
     )
     .await
     .expect("a FIFO disk.img must not hang the clone");
     assert_eq!(code(&r), Code::InvalidArgument);
 
     // Every other cross-mode pairing is INVALID_ARGUMENT with a clear message.
-    create(&mut d, image("img", 300 * MIB)).await;
+    create_ok(&mut d.c, image_volume("img", 300 * MIB, "")).await;
     for (req, src) in [
-        (block("x4", GIB), "img"),
-        (image("x5", GIB), "blk"),
-        (image("x6", GIB), "cdi"),
-        (dir("x7", GIB), "img"),
+        (block_volume("x4", GIB), "img"),
+        (image_volume("x5", GIB, ""), "blk"),
+        (image_volume("x6", GIB, ""), "cdi"),
+        (dir_volume("x7", GIB), "img"),
     ] {
         let name = req.name.clone();
-        let r = d.c.controller.create_volume(cloned(req, src)).await;
+        let r = d.c.controller.create_volume(clone_of(req, src)).await;
         let s = r.expect_err(&name);
         assert_eq!(s.code(), Code::InvalidArgument, "{name}: {s:?}");
         assert!(s.message().contains("clone"), "{name}: {}", s.message());
     }
-    let ids = volume_ids(&mut d).await;
+    let ids = listed_ids(&mut d.c).await;
     assert!(
         ids.iter()
             .all(|i| !i.starts_with('x') && !i.ends_with("-small")),
@@ -1156,44 +980,51 @@ async fn cross_mode_clones_follow_the_disk_img_convention() {
 async fn image_clones_are_grown_and_keep_their_filesystem() {
     let fs = LoopFs::new("xfs", 4096);
     let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
-    create(&mut d, image("img", 400 * MIB)).await;
-    let mut ext4 = image("img4", 64 * MIB);
-    ext4.volume_capabilities = vec![mount_cap_fs("ext4")];
-    create(&mut d, ext4).await;
+    create_ok(&mut d.c, image_volume("img", 400 * MIB, "")).await;
+    create_ok(&mut d.c, image_volume("img4", 64 * MIB, "ext4")).await;
     for id in ["img", "img4"] {
-        let m = stage_and_publish(&mut d, id).await;
-        fs::write(m.target.join("hello"), format!("from {id}")).unwrap();
-        unpublish_and_unstage(&mut d, id, &m).await;
+        let (_, m) = mount_rwo(&mut d, id).await;
+        fs::write(m.join("hello"), format!("from {id}")).unwrap();
+        unpublish_unstage(&mut d.c, id, &m).await;
     }
     // A larger target is grown (the filesystem at the next stage).
-    let v = create(&mut d, cloned(image("img-big", 700 * MIB), "img")).await;
+    let v = create_ok(
+        &mut d.c,
+        clone_of(image_volume("img-big", 700 * MIB, ""), "img"),
+    )
+    .await;
     assert_eq!(v.capacity_bytes, 700 * MIB);
     // No fs_type in the request: the clone keeps the source's filesystem.
-    create(&mut d, cloned(image("img4-copy", 128 * MIB), "img4")).await;
-    d.c.controller
-        .create_snapshot(snap("img4-snap", "img4"))
-        .await
-        .unwrap();
-    create(&mut d, restored(image("img4-back", 64 * MIB), "img4-snap")).await;
+    create_ok(
+        &mut d.c,
+        clone_of(image_volume("img4-copy", 128 * MIB, ""), "img4"),
+    )
+    .await;
+    snapshot_ok(&mut d.c, "img4-snap", "img4").await;
+    create_ok(
+        &mut d.c,
+        restore_of(image_volume("img4-back", 64 * MIB, ""), "img4-snap"),
+    )
+    .await;
     for (id, from, min_size) in [
         ("img-big", "img", 600 * UMIB),
         ("img4-copy", "img4", 100 * UMIB),
         ("img4-back", "img4", 40 * UMIB),
     ] {
-        let m = stage_and_publish(&mut d, id).await;
+        let (_, m) = mount_rwo(&mut d, id).await;
         assert_eq!(
-            fs::read_to_string(m.target.join("hello")).unwrap(),
+            fs::read_to_string(m.join("hello")).unwrap(),
             format!("from {from}")
         );
-        let st = nix::sys::statvfs::statvfs(&m.target).unwrap();
+        let st = nix::sys::statvfs::statvfs(&m).unwrap();
         let size = st.blocks() * st.fragment_size();
         assert!(size >= min_size, "{id}: filesystem is {size} bytes");
-        fs::write(m.target.join("more"), b"writable").unwrap();
-        unpublish_and_unstage(&mut d, id, &m).await;
+        fs::write(m.join("more"), b"writable").unwrap();
+        unpublish_unstage(&mut d.c, id, &m).await;
     }
     let r =
         d.c.controller
-            .create_volume(cloned(image("img-small", 350 * MIB), "img"))
+            .create_volume(clone_of(image_volume("img-small", 350 * MIB, ""), "img"))
             .await;
     assert_eq!(code(&r), Code::OutOfRange, "{r:?}");
 }
@@ -1203,89 +1034,72 @@ async fn image_clones_are_grown_and_keep_their_filesystem() {
 #[tokio::test]
 async fn snapshot_restore_idempotency_listing_and_paging() {
     let mut d = Driver::start().await;
-    create(&mut d, block("blk", 256 * MIB)).await;
+    create_ok(&mut d.c, block_volume("blk", 256 * MIB)).await;
     write_scattered(&d.pool().join("blk"), 5, 16);
     let blk_digest = digest(&d.pool().join("blk"));
-    create(&mut d, dir("tree", GIB)).await;
+    create_ok(&mut d.c, dir_volume("tree", GIB)).await;
     let outside = d.path("outside");
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("secret"), b"x").unwrap();
     build_awkward_tree(&d.pool().join("tree"), &outside, false);
     let tree_before = describe(&d.pool().join("tree"));
 
-    let s1 =
-        d.c.controller
-            .create_snapshot(snap("s-blk", "blk"))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+    let s1 = snapshot_ok(&mut d.c, "s-blk", "blk").await;
     assert_eq!(s1.size_bytes, 256 * MIB);
     assert!(s1.ready_to_use);
     // Idempotent by name: the very same answer, even after a restart.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let again =
-        d.c.controller
-            .create_snapshot(snap("s-blk", "blk"))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+    let again = snapshot_ok(&mut d.c, "s-blk", "blk").await;
     assert_eq!(again, s1);
     d.restart().await;
-    let again =
-        d.c.controller
-            .create_snapshot(snap("s-blk", "blk"))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+    let again = snapshot_ok(&mut d.c, "s-blk", "blk").await;
     assert_eq!(again, s1);
-    let r = d.c.controller.create_snapshot(snap("s-blk", "tree")).await;
+    let r =
+        d.c.controller
+            .create_snapshot(snapshot_req("s-blk", "tree"))
+            .await;
     assert_eq!(code(&r), Code::AlreadyExists);
-    d.c.controller
-        .create_snapshot(snap("s-tree", "tree"))
-        .await
-        .unwrap();
+    snapshot_ok(&mut d.c, "s-tree", "tree").await;
 
     // Change both sources; restores give the snapshot's content.
     write_scattered(&d.pool().join("blk"), 6, 4);
     fs::write(d.pool().join("tree/plain"), b"changed").unwrap();
     fs::remove_file(d.pool().join("tree/empty")).unwrap();
-    create(&mut d, restored(block("blk-back", 256 * MIB), "s-blk")).await;
+    create_ok(
+        &mut d.c,
+        restore_of(block_volume("blk-back", 256 * MIB), "s-blk"),
+    )
+    .await;
     assert_eq!(digest(&d.pool().join("blk-back")), blk_digest);
-    create(&mut d, restored(dir("tree-back", GIB), "s-tree")).await;
+    create_ok(&mut d.c, restore_of(dir_volume("tree-back", GIB), "s-tree")).await;
     assert_eq!(describe(&d.pool().join("tree-back")), tree_before);
     let r =
         d.c.controller
-            .create_volume(restored(block("blk-small", 128 * MIB), "s-blk"))
+            .create_volume(restore_of(block_volume("blk-small", 128 * MIB), "s-blk"))
             .await;
     assert_eq!(code(&r), Code::OutOfRange);
     // Snapshots are independent: the source can go away.
-    delete(&mut d, "blk").await;
-    create(&mut d, restored(block("blk-back2", 512 * MIB), "s-blk")).await;
+    delete_ok(&mut d.c, "blk").await;
+    create_ok(
+        &mut d.c,
+        restore_of(block_volume("blk-back2", 512 * MIB), "s-blk"),
+    )
+    .await;
     assert_eq!(digest(&d.pool().join("blk-back2")).1, blk_digest.1);
 
     // Listing: filters by id and by source, pages, tokens.
     for i in 0..5 {
-        d.c.controller
-            .create_snapshot(snap(&format!("s-t{i}"), "tree"))
-            .await
-            .unwrap();
+        snapshot_ok(&mut d.c, &format!("s-t{i}"), "tree").await;
     }
-    let mut all = Vec::new();
-    let mut token = String::new();
-    let mut pages = 0;
-    loop {
-        let page =
+    let mut list = async |id: &str, source: &str, max: i32, token: &str| {
+        let r =
             d.c.controller
-                .list_snapshots(list_snaps("", "", 3, &token))
-                .await
-                .unwrap()
-                .into_inner();
+                .list_snapshots(list_snapshots_req(id, source, max, token));
+        r.await.unwrap().into_inner()
+    };
+    let (mut all, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = list("", "", 3, &token).await;
         assert!(page.entries.len() <= 3);
         all.extend(
             page.entries
@@ -1303,75 +1117,35 @@ async fn snapshot_restore_idempotency_listing_and_paging() {
         all,
         ["s-blk", "s-t0", "s-t1", "s-t2", "s-t3", "s-t4", "s-tree"]
     );
-    let by_source =
-        d.c.controller
-            .list_snapshots(list_snaps("", "tree", 4, ""))
-            .await
-            .unwrap()
-            .into_inner();
+    let by_source = list("", "tree", 4, "").await;
     assert_eq!(by_source.entries.len(), 4);
-    let rest =
-        d.c.controller
-            .list_snapshots(list_snaps("", "tree", 4, &by_source.next_token))
-            .await
-            .unwrap()
-            .into_inner();
+    let rest = list("", "tree", 4, &by_source.next_token).await;
     assert_eq!(rest.entries.len(), 2);
     assert!(rest.next_token.is_empty());
     // The deleted source's snapshot still lists under its old source.
-    let by_gone =
-        d.c.controller
-            .list_snapshots(list_snaps("", "blk", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(by_gone.entries.len(), 1);
-    let one =
-        d.c.controller
-            .list_snapshots(list_snaps("s-t2", "", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
+    assert_eq!(list("", "blk", 0, "").await.entries.len(), 1);
+    let one = list("s-t2", "", 0, "").await;
     assert_eq!(one.entries.len(), 1);
     assert_eq!(
         one.entries[0].snapshot.as_ref().unwrap().source_volume_id,
         "tree"
     );
-    let mismatch =
-        d.c.controller
-            .list_snapshots(list_snaps("s-t2", "blk", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert!(mismatch.entries.is_empty());
+    assert!(list("s-t2", "blk", 0, "").await.entries.is_empty());
     for bad in ["not-a-token", "../x"] {
-        assert_eq!(
-            code(
-                &d.c.controller
-                    .list_snapshots(list_snaps("", "", 0, bad))
-                    .await
-            ),
-            Code::Aborted
-        );
+        let r =
+            d.c.controller
+                .list_snapshots(list_snapshots_req("", "", 0, bad));
+        assert_code(&r.await, Code::Aborted, bad);
     }
     // Delete is idempotent and unknown ids succeed.
-    for _ in 0..2 {
-        d.c.controller
-            .delete_snapshot(DeleteSnapshotRequest {
-                snapshot_id: "s-t0".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+    for id in ["s-t0", "s-t0", "never-was"] {
+        let r =
+            d.c.controller
+                .delete_snapshot(delete_snapshot_req(id))
+                .await;
+        assert_code(&r, Code::Ok, id);
     }
-    d.c.controller
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: "never-was".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(snapshot_ids(&mut d).await.len(), 6);
+    assert_eq!(listed_snapshot_ids(&mut d.c).await.len(), 6);
     let tmp = private(&d, "tmp");
     assert!(settles(|| is_empty_dir(&tmp)).await, "leftovers in tmp");
 }
@@ -1389,38 +1163,29 @@ async fn snapshot_path_from_datadir_is_honoured() {
     let json =
         serde_json::json!([{"name": "local", "path": pool, "snapshotPath": snaps}]).to_string();
     let mut d = Driver::start_with_datadir(&json).await;
-    create(&mut d, block("blk", 64 * MIB)).await;
+    create_ok(&mut d.c, block_volume("blk", 64 * MIB)).await;
     write_scattered(&d.pool().join("blk"), 8, 4);
     let want = digest(&d.pool().join("blk"));
-    create(&mut d, dir("tree", GIB)).await;
+    create_ok(&mut d.c, dir_volume("tree", GIB)).await;
     fs::write(d.pool().join("tree/f"), b"file").unwrap();
-    d.c.controller
-        .create_snapshot(snap("s1", "blk"))
-        .await
-        .unwrap();
-    d.c.controller
-        .create_snapshot(snap("s2", "tree"))
-        .await
-        .unwrap();
+    snapshot_ok(&mut d.c, "s1", "blk").await;
+    snapshot_ok(&mut d.c, "s2", "tree").await;
     assert_eq!(digest(&snaps.join("s1/data")), want);
     assert_eq!(fs::read(snaps.join("s2/data/f")).unwrap(), b"file");
     let unused = private(&d, "snapshots");
     assert!(!unused.exists() || is_empty_dir(&unused));
     d.restart().await;
-    assert_eq!(snapshot_ids(&mut d).await, ["s1", "s2"]);
-    create(&mut d, restored(block("back", 64 * MIB), "s1")).await;
+    assert_eq!(listed_snapshot_ids(&mut d.c).await, ["s1", "s2"]);
+    create_ok(&mut d.c, restore_of(block_volume("back", 64 * MIB), "s1")).await;
     assert_eq!(digest(&d.pool().join("back")), want);
     for id in ["s1", "s2", "s1"] {
         let r =
             d.c.controller
-                .delete_snapshot(DeleteSnapshotRequest {
-                    snapshot_id: id.into(),
-                    ..Default::default()
-                })
+                .delete_snapshot(delete_snapshot_req(id))
                 .await;
-        assert_eq!(code(&r), Code::Ok, "{r:?}");
+        assert_code(&r, Code::Ok, id);
     }
-    assert!(snapshot_ids(&mut d).await.is_empty());
+    assert!(listed_snapshot_ids(&mut d.c).await.is_empty());
     let left: Vec<_> = fs::read_dir(&snaps)
         .unwrap()
         .flatten()
@@ -1434,21 +1199,6 @@ async fn snapshot_path_from_datadir_is_honoured() {
 
 // ---------------------------------------------------- group snapshots
 
-/// CreateVolumeGroupSnapshot that must succeed.
-async fn take_group(d: &mut Driver, name: &str, ids: &[&str]) -> VolumeGroupSnapshot {
-    d.c.group
-        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-            name: name.into(),
-            source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap()
-}
-
 #[tokio::test]
 async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
     let fs = LoopFs::new("xfs", 4096);
@@ -1461,24 +1211,19 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
             .into_inner();
     assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
         Some(group_controller_service_capability::Type::Rpc(r)) if r.r#type == GroupCap::CreateDeleteGetVolumeGroupSnapshot as i32)));
-    create(&mut d, image("vm-root", 512 * MIB)).await;
-    create(&mut d, block("vm-data", 64 * MIB)).await;
+    create_ok(&mut d.c, image_volume("vm-root", 512 * MIB, "")).await;
+    create_ok(&mut d.c, block_volume("vm-data", 64 * MIB)).await;
     write_scattered(&d.pool().join("vm-data"), 9, 4);
     let data_digest = digest(&d.pool().join("vm-data"));
-    create(&mut d, dir("vm-cfg", GIB)).await;
+    create_ok(&mut d.c, dir_volume("vm-cfg", GIB)).await;
     fs::write(d.pool().join("vm-cfg/cloud-init"), b"#cloud-config").unwrap();
-    let m = stage_and_publish(&mut d, "vm-root").await;
-    let _thaw = ThawGuard(m.staging.clone());
-    let writer = Writer::start(m.target.clone());
+    let (staging, m) = mount_rwo(&mut d, "vm-root").await;
+    let _thaw = FreezeGuard::thaw_on_drop(&staging);
+    let writer = Writer::start(m.clone());
     assert!(writer.advances(20).await);
 
-    let group = |name: &str, ids: &[&str]| CreateVolumeGroupSnapshotRequest {
-        name: name.into(),
-        source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
     let members = ["vm-root", "vm-data", "vm-cfg"];
-    let g = take_group(&mut d, "vm-snap", &members).await;
+    let g = group_ok(&mut d.c, "vm-snap", &members).await;
     assert!(
         writer.advances(20).await,
         "writes did not resume: the freeze was not released"
@@ -1489,109 +1234,74 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         assert_eq!(s.group_snapshot_id, "vm-snap");
         assert!(s.ready_to_use);
     }
-    let again = take_group(&mut d, "vm-snap", &members).await;
+    let again = group_ok(&mut d.c, "vm-snap", &members).await;
     assert_eq!(again, g);
     let r =
         d.c.group
-            .create_volume_group_snapshot(group("vm-snap", &["vm-root"]))
+            .create_volume_group_snapshot(group_req("vm-snap", &["vm-root"]))
             .await;
     assert_eq!(code(&r), Code::AlreadyExists);
     let got =
         d.c.group
-            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: "vm-snap".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(got.group_snapshot.unwrap(), g);
+            .get_volume_group_snapshot(get_group_req("vm-snap", vec![]));
+    assert_eq!(got.await.unwrap().into_inner().group_snapshot.unwrap(), g);
     // The same sources in another order are the same request.
-    let reordered = take_group(&mut d, "vm-snap", &["vm-cfg", "vm-root", "vm-data"]).await;
+    let reordered = group_ok(&mut d.c, "vm-snap", &["vm-cfg", "vm-root", "vm-data"]).await;
     assert_eq!(reordered, g);
     // snapshot_ids, when sent, must be the members (in any order).
     let mut member_ids: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     member_ids.reverse();
-    let get = |ids: Vec<String>| GetVolumeGroupSnapshotRequest {
-        group_snapshot_id: "vm-snap".into(),
-        snapshot_ids: ids,
-        ..Default::default()
-    };
-    let mut group_client = d.c.group.clone();
-    assert_eq!(
-        code(
-            &group_client
-                .get_volume_group_snapshot(get(member_ids.clone()))
-                .await
-        ),
-        Code::Ok
-    );
+    let get = |ids: Vec<String>| get_group_req("vm-snap", ids);
+    let r = d.c.group.get_volume_group_snapshot(get(member_ids.clone()));
+    assert_code(&r.await, Code::Ok, "the members in another order");
     for wrong in [
         vec![member_ids[0].clone()],
         vec!["someone-else".to_string(); 3],
     ] {
-        assert_eq!(
-            code(
-                &group_client
-                    .get_volume_group_snapshot(get(wrong.clone()))
-                    .await
-            ),
-            Code::InvalidArgument
+        let r =
+            d.c.group
+                .get_volume_group_snapshot(get(wrong.clone()))
+                .await;
+        assert_code(&r, Code::InvalidArgument, &format!("get with {wrong:?}"));
+        let r =
+            d.c.group
+                .delete_volume_group_snapshot(delete_group_req("vm-snap", wrong.clone()));
+        assert_code(
+            &r.await,
+            Code::InvalidArgument,
+            &format!("delete with {wrong:?}"),
         );
-        let r = group_client
-            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
-                group_snapshot_id: "vm-snap".into(),
-                snapshot_ids: wrong,
-                ..Default::default()
-            })
-            .await;
-        assert_eq!(code(&r), Code::InvalidArgument);
     }
     // A member must not be deleted on its own while its group exists.
     let r =
         d.c.controller
-            .delete_snapshot(DeleteSnapshotRequest {
-                snapshot_id: member_ids[0].clone(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument, "{r:?}");
-    assert_eq!(
-        code(&group_client.get_volume_group_snapshot(get(vec![])).await),
-        Code::Ok,
-        "the refused delete left the group whole"
+            .delete_snapshot(delete_snapshot_req(&member_ids[0]));
+    assert_code(
+        &r.await,
+        Code::InvalidArgument,
+        "a delete of a group's member",
     );
+    let r = d.c.group.get_volume_group_snapshot(get(vec![])).await;
+    assert_code(&r, Code::Ok, "the refused delete left the group whole");
     // A published Block volume cannot be frozen, so it cannot be taken
     // together with another volume: refused, nothing frozen or left.
     let disk = d.path("pods/vm-data");
-    d.c.node
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "vm-data".into(),
-            target_path: s(&disk),
-            staging_target_path: staging_for(&disk),
-            volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    publish_ok(&mut d.c, "vm-data", &disk, block_rwo()).await;
     let r =
         d.c.group
-            .create_volume_group_snapshot(group("vm-live", &["vm-root", "vm-data"]))
+            .create_volume_group_snapshot(group_req("vm-live", &["vm-root", "vm-data"]))
             .await;
     assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
     assert!(r.unwrap_err().message().contains("vm-data"));
     assert!(writer.advances(5).await, "a refused group left a freeze");
     // On its own it is a plain (reflink, so atomic) snapshot.
-    let alone = take_group(&mut d, "vm-live-data", &["vm-data"]).await;
-    d.c.node
-        .node_unpublish_volume(unpublish_req("vm-data", &disk))
-        .await
-        .unwrap();
+    let alone = group_ok(&mut d.c, "vm-live-data", &["vm-data"]).await;
+    unpublish_ok(&mut d.c, "vm-data", &disk).await;
     // A group whose record never got written (a failed clean-up left its
     // members): retrying it replaces the leftovers instead of conflicting.
     let snapshots_dir = d.pool().join(".hostpath-csi/snapshots");
     fs::remove_file(snapshots_dir.join(".groups/vm-live-data.json")).unwrap();
-    let retried = take_group(&mut d, "vm-live-data", &["vm-data"]).await;
+    let retried = group_ok(&mut d.c, "vm-live-data", &["vm-data"]).await;
     assert_eq!(retried.snapshots.len(), 1);
     assert_eq!(
         retried.snapshots[0].snapshot_id,
@@ -1600,13 +1310,10 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
     assert!(d
         .log()
         .contains("removing a member left by a failed attempt"));
-    d.c.group
-        .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
-            group_snapshot_id: "vm-live-data".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let r =
+        d.c.group
+            .delete_volume_group_snapshot(delete_group_req("vm-live-data", vec![]));
+    r.await.unwrap();
 
     // Restore the frozen member: a clean filesystem with whole files.
     let member = |src: &str| {
@@ -1617,9 +1324,9 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
             .snapshot_id
             .clone()
     };
-    create(
-        &mut d,
-        restored(image("root-back", 512 * MIB), &member("vm-root")),
+    create_ok(
+        &mut d.c,
+        restore_of(image_volume("root-back", 512 * MIB, ""), &member("vm-root")),
     )
     .await;
     // A frozen XFS has a covered (not unmounted) log, so the first mount
@@ -1627,9 +1334,9 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
     // filesystem must then check clean.
     let img = d.pool().join("root-back");
     let kernel_log = kernel_log_len();
-    let back = stage_and_publish(&mut d, "root-back").await;
+    let (_, back) = mount_rwo(&mut d, "root-back").await;
     let mut files = 0;
-    for e in fs::read_dir(&back.target).unwrap().flatten() {
+    for e in fs::read_dir(&back).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(n) = name.strip_prefix("w-") else {
             continue;
@@ -1644,7 +1351,7 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         files += 1;
     }
     assert!(files >= 20, "only {files} files in the restored image");
-    unpublish_and_unstage(&mut d, "root-back", &back).await;
+    unpublish_unstage(&mut d.c, "root-back", &back).await;
     let errors = xfs_errors_since(kernel_log);
     assert!(
         errors.is_empty(),
@@ -1657,13 +1364,17 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
         !out.contains("ALERT"),
         "xfs_repair -n on the restored image:\n{out}"
     );
-    create(
-        &mut d,
-        restored(block("data-back", 64 * MIB), &member("vm-data")),
+    create_ok(
+        &mut d.c,
+        restore_of(block_volume("data-back", 64 * MIB), &member("vm-data")),
     )
     .await;
     assert_eq!(digest(&d.pool().join("data-back")), data_digest);
-    create(&mut d, restored(dir("cfg-back", GIB), &member("vm-cfg"))).await;
+    create_ok(
+        &mut d.c,
+        restore_of(dir_volume("cfg-back", GIB), &member("vm-cfg")),
+    )
+    .await;
     assert_eq!(
         fs::read(d.pool().join("cfg-back/cloud-init")).unwrap(),
         b"#cloud-config"
@@ -1671,68 +1382,58 @@ async fn group_snapshot_of_a_busy_image_volume_restores_cleanly() {
 
     // A member name taken by another snapshot: refused before anything is
     // frozen or taken.
-    d.c.controller
-        .create_snapshot(snap("broken-m1", "vm-cfg"))
-        .await
-        .unwrap();
+    snapshot_ok(&mut d.c, "broken-m1", "vm-cfg").await;
     let r =
         d.c.group
-            .create_volume_group_snapshot(group("broken", &["vm-root", "vm-data"]))
+            .create_volume_group_snapshot(group_req("broken", &["vm-root", "vm-data"]))
             .await;
     assert_eq!(code(&r), Code::AlreadyExists, "{r:?}");
-    assert!(!snapshot_ids(&mut d)
+    assert!(!listed_snapshot_ids(&mut d.c)
         .await
         .contains(&"broken-m0".to_string()));
     // A member that fails half-way (a tree too deep to copy) thaws the
     // frozen filesystem and removes the members already taken.
-    create(&mut d, dir("too-deep", GIB)).await;
+    create_ok(&mut d.c, dir_volume("too-deep", GIB)).await;
     make_deep(&d.pool().join("too-deep"), 2100);
     let r =
         d.c.group
-            .create_volume_group_snapshot(group("half", &["vm-root", "too-deep"]))
+            .create_volume_group_snapshot(group_req("half", &["vm-root", "too-deep"]))
             .await;
     assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
     assert!(
         writer.advances(10).await,
         "the freeze was not released after an error"
     );
-    let ids = snapshot_ids(&mut d).await;
+    let ids = listed_snapshot_ids(&mut d.c).await;
     assert!(ids.iter().all(|i| !i.starts_with("half")), "{ids:?}");
     assert!(d.log().contains("filesystem thawed"));
     // Unknown sources: NOT_FOUND, nothing frozen, nothing left.
     for ids in [vec!["vm-root", "no-such-volume"], vec!["no-such-volume"]] {
         let r =
             d.c.group
-                .create_volume_group_snapshot(group("g-missing", &ids))
+                .create_volume_group_snapshot(group_req("g-missing", &ids))
                 .await;
         assert_eq!(code(&r), Code::NotFound, "{ids:?}: {r:?}");
     }
     assert!(writer.advances(10).await);
-    let ids = snapshot_ids(&mut d).await;
+    let ids = listed_snapshot_ids(&mut d.c).await;
     assert!(ids.iter().all(|i| !i.starts_with("g-missing")), "{ids:?}");
 
     // Deleting the group deletes its members, idempotently.
     for _ in 0..2 {
-        d.c.group
-            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
-                group_snapshot_id: "vm-snap".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let r =
+            d.c.group
+                .delete_volume_group_snapshot(delete_group_req("vm-snap", vec![]));
+        r.await.unwrap();
     }
-    let ids = snapshot_ids(&mut d).await;
+    let ids = listed_snapshot_ids(&mut d.c).await;
     assert_eq!(ids, ["broken-m1"]);
     let r =
         d.c.group
-            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: "vm-snap".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::NotFound);
+            .get_volume_group_snapshot(get_group_req("vm-snap", vec![]));
+    assert_code(&r.await, Code::NotFound, "a deleted group");
     writer.stop();
-    unpublish_and_unstage(&mut d, "vm-root", &m).await;
+    unpublish_unstage(&mut d.c, "vm-root", &m).await;
 }
 
 /// A group whose published image member is on a reflink pool and whose
@@ -1747,25 +1448,20 @@ async fn a_crash_during_a_group_snapshot_leaves_nothing_frozen_or_half_taken() {
         ("q", Some(slow.mount_point.join("pool"))),
     ])
     .await;
-    create(&mut d, image("vm-root", 320 * MIB)).await;
-    let mut big = block("vm-big", 2 * GIB);
-    big.parameters = params(&[("storagePool", "q")]);
-    create(&mut d, big).await;
+    create_ok(&mut d.c, image_volume("vm-root", 320 * MIB, "")).await;
+    let big = with_params(block_volume("vm-big", 2 * GIB), &[("storagePool", "q")]);
+    create_ok(&mut d.c, big).await;
     let big_path = slow.mount_point.join("pool/vm-big");
     write_dense(&big_path, 2 * GIB as u64);
-    let m = stage_and_publish(&mut d, "vm-root").await;
-    let _thaw = ThawGuard(m.staging.clone());
-    let writer = Writer::start(m.target.clone());
+    let (staging, m) = mount_rwo(&mut d, "vm-root").await;
+    let _thaw = FreezeGuard::thaw_on_drop(&staging);
+    let writer = Writer::start(m.clone());
     assert!(writer.advances(5).await);
     drop_caches();
     let mut group = d.c.group.clone();
     let call = tokio::spawn(async move {
         group
-            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                source_volume_ids: vec!["vm-root".into(), "vm-big".into()],
-                ..Default::default()
-            })
+            .create_volume_group_snapshot(group_req("g", &["vm-root", "vm-big"]))
             .await
     });
     // Wait until the big member is being copied.
@@ -1798,7 +1494,7 @@ async fn a_crash_during_a_group_snapshot_leaves_nothing_frozen_or_half_taken() {
         writer.advances(5).await,
         "the filesystem is frozen after a restart"
     );
-    assert!(snapshot_ids(&mut d).await.is_empty());
+    assert!(listed_snapshot_ids(&mut d.c).await.is_empty());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let left: Vec<_> = fs::read_dir(&snapshots)
@@ -1813,22 +1509,11 @@ async fn a_crash_during_a_group_snapshot_leaves_nothing_frozen_or_half_taken() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The retry succeeds.
-    let g =
-        d.c.group
-            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                source_volume_ids: vec!["vm-root".into(), "vm-big".into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+    let g = group_ok(&mut d.c, "g", &["vm-root", "vm-big"]).await;
     assert_eq!(g.snapshots.len(), 2);
     assert!(writer.advances(5).await);
     writer.stop();
-    unpublish_and_unstage(&mut d, "vm-root", &m).await;
+    unpublish_unstage(&mut d.c, "vm-root", &m).await;
 }
 
 // ------------------------------------------------------------ faults
@@ -1837,7 +1522,7 @@ async fn a_crash_during_a_group_snapshot_leaves_nothing_frozen_or_half_taken() {
 async fn kill_during_a_2gib_clone_leaves_nothing_and_the_retry_succeeds() {
     let fs = LoopFs::new("ext4", 8192);
     let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
-    create(&mut d, block("src", 2 * GIB)).await;
+    create_ok(&mut d.c, block_volume("src", 2 * GIB)).await;
     let src = d.pool().join("src");
     write_dense(&src, 2 * GIB as u64);
     let tmp = private(&d, "tmp");
@@ -1849,11 +1534,13 @@ async fn kill_during_a_2gib_clone_leaves_nothing_and_the_retry_succeeds() {
         let mut c = d.c.controller.clone();
         let call = tokio::spawn(async move {
             if what == "clone" {
-                c.create_volume(cloned(block("dst", 2 * GIB), "src"))
+                c.create_volume(clone_of(block_volume("dst", 2 * GIB), "src"))
                     .await
                     .map(|_| ())
             } else {
-                c.create_snapshot(snap("snap", "src")).await.map(|_| ())
+                c.create_snapshot(snapshot_req("snap", "src"))
+                    .await
+                    .map(|_| ())
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1895,8 +1582,8 @@ async fn kill_during_a_2gib_clone_leaves_nothing_and_the_retry_succeeds() {
         );
         assert!(!d.pool().join("dst").exists());
         assert!(!private(&d, "volumes/dst.json").exists());
-        assert_eq!(volume_ids(&mut d).await, ["src"]);
-        assert!(snapshot_ids(&mut d).await.is_empty());
+        assert_eq!(listed_ids(&mut d.c).await, ["src"]);
+        assert!(listed_snapshot_ids(&mut d.c).await.is_empty());
         assert!(
             settles(|| is_empty_dir(&snapshots)).await,
             "a half-built snapshot survived the restart"
@@ -1905,11 +1592,8 @@ async fn kill_during_a_2gib_clone_leaves_nothing_and_the_retry_succeeds() {
     assert!(d.log().contains("removed leftover"));
 
     // The retries succeed and copy everything.
-    create(&mut d, cloned(block("dst", 2 * GIB), "src")).await;
-    d.c.controller
-        .create_snapshot(snap("snap", "src"))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, clone_of(block_volume("dst", 2 * GIB), "src")).await;
+    snapshot_ok(&mut d.c, "snap", "src").await;
     let a = File::open(&src).unwrap();
     let mut buf_a = vec![0u8; 16 << 20];
     let mut buf_b = vec![0u8; 16 << 20];
@@ -1936,16 +1620,16 @@ async fn kill_during_a_2gib_clone_leaves_nothing_and_the_retry_succeeds() {
 async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
     let fs = LoopFs::new("ext4", 400);
     let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
-    create(&mut d, block("blk", 100 * MIB)).await;
+    create_ok(&mut d.c, block_volume("blk", 100 * MIB)).await;
     write_dense(&d.pool().join("blk"), 100 * UMIB);
-    create(&mut d, dir("tree", GIB / 4)).await;
+    create_ok(&mut d.c, dir_volume("tree", GIB / 4)).await;
     for i in 0..25 {
         let p = d.pool().join(format!("tree/f{i}"));
         File::create(&p).unwrap().set_len(4 * UMIB).unwrap();
         write_dense(&p, 4 * UMIB);
     }
     // Another volume full of data takes all but ~50 MiB.
-    create(&mut d, dir("filler", GIB / 4)).await;
+    create_ok(&mut d.c, dir_volume("filler", GIB / 4)).await;
     let filler = d.pool().join("filler/data");
     let f = File::create(&filler).unwrap();
     nix::unistd::sync();
@@ -1959,9 +1643,15 @@ async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
     assert!(free_before < 100 * UMIB);
 
     let attempts: Vec<(&str, CreateVolumeRequest)> = vec![
-        ("block clone", cloned(block("c1", 100 * MIB), "blk")),
-        ("tree clone", cloned(dir("c2", GIB / 4), "tree")),
-        ("block to disk.img", cloned(dir("c3", GIB / 4), "blk")),
+        (
+            "block clone",
+            clone_of(block_volume("c1", 100 * MIB), "blk"),
+        ),
+        ("tree clone", clone_of(dir_volume("c2", GIB / 4), "tree")),
+        (
+            "block to disk.img",
+            clone_of(dir_volume("c3", GIB / 4), "blk"),
+        ),
     ];
     for (what, req) in attempts {
         let r = d.c.controller.create_volume(req).await;
@@ -1983,7 +1673,7 @@ async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
     for source in ["blk", "tree"] {
         let r =
             d.c.controller
-                .create_snapshot(snap(&format!("s-{source}"), source))
+                .create_snapshot(snapshot_req(&format!("s-{source}"), source))
                 .await;
         assert_eq!(
             code(&r),
@@ -1998,11 +1688,11 @@ async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
         );
         assert!(near(free_bytes(d.pool()), free_before, UMIB));
     }
-    assert!(snapshot_ids(&mut d).await.is_empty());
-    assert_eq!(volume_ids(&mut d).await, ["blk", "filler", "tree"]);
+    assert!(listed_snapshot_ids(&mut d.c).await.is_empty());
+    assert_eq!(listed_ids(&mut d.c).await, ["blk", "filler", "tree"]);
     // With space back, the same requests succeed.
     fs::remove_file(&filler).unwrap();
-    create(&mut d, cloned(block("c1", 100 * MIB), "blk")).await;
+    create_ok(&mut d.c, clone_of(block_volume("c1", 100 * MIB), "blk")).await;
     assert_eq!(digest(&d.pool().join("c1")), digest(&d.pool().join("blk")));
 }
 
@@ -2011,23 +1701,28 @@ async fn enospc_fails_with_resource_exhausted_and_leaves_the_pool_as_it_was() {
 #[tokio::test]
 async fn copies_of_a_published_image_include_unflushed_writes() {
     let mut d = Driver::start().await;
-    create(&mut d, image("img", 320 * MIB)).await;
-    let m = stage_and_publish(&mut d, "img").await;
-    fs::write(m.target.join("note"), b"written, not flushed").unwrap();
-    d.c.controller
-        .create_snapshot(snap("s", "img"))
-        .await
-        .unwrap();
-    create(&mut d, restored(image("from-snap", 320 * MIB), "s")).await;
-    fs::write(m.target.join("later"), b"also unflushed").unwrap();
-    create(&mut d, cloned(image("from-clone", 320 * MIB), "img")).await;
+    create_ok(&mut d.c, image_volume("img", 320 * MIB, "")).await;
+    let (_, m) = mount_rwo(&mut d, "img").await;
+    fs::write(m.join("note"), b"written, not flushed").unwrap();
+    snapshot_ok(&mut d.c, "s", "img").await;
+    create_ok(
+        &mut d.c,
+        restore_of(image_volume("from-snap", 320 * MIB, ""), "s"),
+    )
+    .await;
+    fs::write(m.join("later"), b"also unflushed").unwrap();
+    create_ok(
+        &mut d.c,
+        clone_of(image_volume("from-clone", 320 * MIB, ""), "img"),
+    )
+    .await;
     for (id, file, want) in [
         ("from-snap", "note", &b"written, not flushed"[..]),
         ("from-clone", "later", &b"also unflushed"[..]),
     ] {
-        let copy = stage_and_publish(&mut d, id).await;
-        assert_eq!(fs::read(copy.target.join(file)).unwrap(), want, "{id}");
-        unpublish_and_unstage(&mut d, id, &copy).await;
+        let (_, copy) = mount_rwo(&mut d, id).await;
+        assert_eq!(fs::read(copy.join(file)).unwrap(), want, "{id}");
+        unpublish_unstage(&mut d.c, id, &copy).await;
     }
-    unpublish_and_unstage(&mut d, "img", &m).await;
+    unpublish_unstage(&mut d.c, "img", &m).await;
 }

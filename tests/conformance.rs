@@ -7,8 +7,8 @@ use common::*;
 use hostpath_csi::proto::controller_service_capability::rpc::Type as CtrlCap;
 use hostpath_csi::proto::node_service_capability::rpc::Type as NodeCap;
 use hostpath_csi::proto::volume_capability::access_mode::Mode;
-use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type as Src, VolumeSource};
 use hostpath_csi::proto::*;
+use std::path::{Path, PathBuf};
 use tonic::Code;
 
 const SIZE: i64 = 10 * GIB;
@@ -20,6 +20,48 @@ fn exact(name: &str, size: i64) -> CreateVolumeRequest {
         limit_bytes: size,
     });
     r
+}
+
+/// The node requests csi-sanity sends: the volume's context, a staging
+/// directory `csi-staging` and a target `csi-mount/target` whose parent exists.
+fn sanity_node_requests(
+    d: &Driver,
+    v: &Volume,
+    cap: VolumeCapability,
+) -> (NodeStageVolumeRequest, NodePublishVolumeRequest) {
+    let (mount_dir, staging) = (d.path("csi-mount"), d.path("csi-staging"));
+    std::fs::create_dir(&mount_dir).unwrap();
+    std::fs::create_dir(&staging).unwrap();
+    let stage = NodeStageVolumeRequest {
+        volume_context: v.volume_context.clone(),
+        ..stage_req(&v.volume_id, &staging, cap.clone())
+    };
+    let publish = NodePublishVolumeRequest {
+        staging_target_path: s(&staging),
+        volume_context: v.volume_context.clone(),
+        ..publish_req(&v.volume_id, &mount_dir.join("target"), cap)
+    };
+    (stage, publish)
+}
+
+/// Stages `stages` times, then publishes `publishes` times (both
+/// idempotent); returns (staging, target).
+async fn stage_publish_repeatedly(
+    d: &mut Driver,
+    (stage, publish): &(NodeStageVolumeRequest, NodePublishVolumeRequest),
+    stages: usize,
+    publishes: usize,
+) -> (PathBuf, PathBuf) {
+    for _ in 0..stages {
+        d.c.node.node_stage_volume(stage.clone()).await.unwrap();
+    }
+    for _ in 0..publishes {
+        d.c.node.node_publish_volume(publish.clone()).await.unwrap();
+    }
+    (
+        PathBuf::from(&stage.staging_target_path),
+        PathBuf::from(&publish.target_path),
+    )
 }
 
 #[tokio::test]
@@ -59,9 +101,9 @@ async fn identity_reports_name_capabilities_and_readiness() {
     assert_eq!(probe.ready, Some(true));
     let r =
         d.c.controller
-            .create_volume(create_req("pvc-late", GIB, rwo()))
+            .create_volume(dir_volume("pvc-late", GIB))
             .await;
-    assert_eq!(code(&r), Code::Unavailable, "{r:?}");
+    assert_code(&r, Code::Unavailable, "a create in a pool that is gone");
 }
 
 #[tokio::test]
@@ -129,32 +171,38 @@ async fn capabilities_are_known_values_and_consistent() {
 #[tokio::test]
 async fn create_volume_validates_required_fields() {
     let mut d = Driver::start().await;
-    let r =
-        d.c.controller
-            .create_volume(CreateVolumeRequest::default())
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    let r =
-        d.c.controller
-            .create_volume(CreateVolumeRequest {
-                name: "no-caps".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    // Capability without access type or access mode.
-    let mut req = create_req("bad-cap", GIB, rwo());
-    req.volume_capabilities[0].access_type = None;
-    assert_eq!(
-        code(&d.c.controller.create_volume(req).await),
-        Code::InvalidArgument
-    );
-    let mut req = create_req("bad-mode", GIB, rwo());
-    req.volume_capabilities[0].access_mode = None;
-    assert_eq!(
-        code(&d.c.controller.create_volume(req).await),
-        Code::InvalidArgument
-    );
+    let no_type = VolumeCapability {
+        access_type: None,
+        ..rwo()
+    };
+    let no_mode = VolumeCapability {
+        access_mode: None,
+        ..rwo()
+    };
+    let no_caps = CreateVolumeRequest {
+        name: "no-caps".into(),
+        ..Default::default()
+    };
+    for (what, req, want) in [
+        (
+            "empty request",
+            CreateVolumeRequest::default(),
+            Code::InvalidArgument,
+        ),
+        ("no capabilities", no_caps, Code::InvalidArgument),
+        (
+            "no access type",
+            create_req("bad-cap", GIB, no_type),
+            Code::InvalidArgument,
+        ),
+        (
+            "no access mode",
+            create_req("bad-mode", GIB, no_mode),
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
     assert!(tree(d.pool())
         .iter()
         .all(|p| p.to_string_lossy().contains(".hostpath-csi")));
@@ -163,14 +211,7 @@ async fn create_volume_validates_required_fields() {
 #[tokio::test]
 async fn create_volume_returns_requested_capacity_and_context() {
     let mut d = Driver::start().await;
-    let v =
-        d.c.controller
-            .create_volume(exact("pvc-exact", SIZE))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, exact("pvc-exact", SIZE)).await;
     assert_eq!(v.volume_id, "pvc-exact");
     assert_eq!(v.capacity_bytes, SIZE);
     assert_eq!(
@@ -187,325 +228,230 @@ async fn create_volume_returns_requested_capacity_and_context() {
     );
     assert!(d.pool().join("pvc-exact").is_dir());
     // Rounded up to 4 KiB.
-    let v =
-        d.c.controller
-            .create_volume(create_req("pvc-odd", 1000, rwo()))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, dir_volume("pvc-odd", 1000)).await;
     assert_eq!(v.capacity_bytes, 4096);
     // No range: capacity unknown (0) for a directory.
-    let mut r = create_req("pvc-norange", 0, rwo());
-    r.capacity_range = None;
-    let v =
-        d.c.controller
-            .create_volume(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-    assert_eq!(v.capacity_bytes, 0);
+    let no_range = CreateVolumeRequest {
+        capacity_range: None,
+        ..dir_volume("pvc-norange", 0)
+    };
+    assert_eq!(create_ok(&mut d.c, no_range).await.capacity_bytes, 0);
 }
 
 #[tokio::test]
 async fn create_volume_is_idempotent_and_detects_conflicts() {
     let mut d = Driver::start().await;
-    let a =
-        d.c.controller
-            .create_volume(create_req("pvc-same", SIZE, rwo()))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-    let b =
-        d.c.controller
-            .create_volume(create_req("pvc-same", SIZE, rwo()))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let a = create_ok(&mut d.c, dir_volume("pvc-same", SIZE)).await;
+    let b = create_ok(&mut d.c, dir_volume("pvc-same", SIZE)).await;
     assert_eq!(a, b);
-    let r =
-        d.c.controller
-            .create_volume(exact("pvc-same", 2 * SIZE))
-            .await;
-    assert_eq!(code(&r), Code::AlreadyExists);
-    let r =
-        d.c.controller
-            .create_volume(create_req(
-                "pvc-same",
-                GIB,
-                block_cap(Mode::SingleNodeWriter),
-            ))
-            .await;
-    assert_eq!(code(&r), Code::AlreadyExists);
     let long = "a".repeat(128);
-    let v =
-        d.c.controller
-            .create_volume(create_req(&long, SIZE, rwo()))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, dir_volume(&long, SIZE)).await;
     assert_eq!(v.volume_id, long);
-    // The same name with another content source, block size or image
-    // filesystem is another volume: ALREADY_EXISTS.
-    let mut cloned = create_req("pvc-same", SIZE, rwo());
-    cloned.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Volume(VolumeSource {
-            volume_id: long.clone(),
-        })),
-    });
-    assert_eq!(
-        code(&d.c.controller.create_volume(cloned).await),
-        Code::AlreadyExists
-    );
-    let mut plain_of_clone = create_req("pvc-clone", SIZE, rwo());
-    plain_of_clone.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Volume(VolumeSource {
-            volume_id: "pvc-same".into(),
-        })),
-    });
-    d.c.controller.create_volume(plain_of_clone).await.unwrap();
-    assert_eq!(
-        code(
-            &d.c.controller
-                .create_volume(create_req("pvc-clone", SIZE, rwo()))
-                .await
+    create_ok(
+        &mut d.c,
+        clone_of(dir_volume("pvc-clone", SIZE), "pvc-same"),
+    )
+    .await;
+    let blk = block_volume("pvc-blk", GIB);
+    create_ok(&mut d.c, blk.clone()).await;
+    let img = image_volume("pvc-img", 512 * MIB, "ext4");
+    create_ok(&mut d.c, img.clone()).await;
+    create_ok(&mut d.c, img.clone()).await;
+    // The same name with another size, access type, content source, block
+    // size or image filesystem is another volume: ALREADY_EXISTS.
+    for (what, req, want) in [
+        (
+            "a larger exact size",
+            exact("pvc-same", 2 * SIZE),
+            Code::AlreadyExists,
         ),
-        Code::AlreadyExists,
-        "an empty volume asked under a clone's name"
-    );
-    let mut blk = create_req("pvc-blk", GIB, block_cap(Mode::SingleNodeWriter));
-    d.c.controller.create_volume(blk.clone()).await.unwrap();
-    blk.parameters = params(&[("blockSize", "4096")]);
-    assert_eq!(
-        code(&d.c.controller.create_volume(blk).await),
-        Code::AlreadyExists
-    );
-    let mut img = create_req("pvc-img", 512 * MIB, mount_cap_fs("ext4"));
-    img.parameters = params(&[("layout", "image")]);
-    d.c.controller.create_volume(img.clone()).await.unwrap();
-    d.c.controller.create_volume(img.clone()).await.unwrap();
-    img.volume_capabilities = vec![mount_cap_fs("xfs")];
-    assert_eq!(
-        code(&d.c.controller.create_volume(img).await),
-        Code::AlreadyExists
-    );
+        (
+            "block access",
+            block_volume("pvc-same", GIB),
+            Code::AlreadyExists,
+        ),
+        (
+            "a clone under a plain volume's name",
+            clone_of(dir_volume("pvc-same", SIZE), &long),
+            Code::AlreadyExists,
+        ),
+        (
+            "an empty volume asked under a clone's name",
+            dir_volume("pvc-clone", SIZE),
+            Code::AlreadyExists,
+        ),
+        (
+            "another blockSize",
+            with_params(blk, &[("blockSize", "4096")]),
+            Code::AlreadyExists,
+        ),
+        (
+            "another image filesystem",
+            CreateVolumeRequest {
+                volume_capabilities: vec![mount_cap_fs("xfs")],
+                ..img
+            },
+            Code::AlreadyExists,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
 }
 
 #[tokio::test]
 async fn create_volume_range_errors() {
     let mut d = Driver::start().await;
-    let mut r = create_req("neg", -1, rwo());
-    assert_eq!(
-        code(&d.c.controller.create_volume(r.clone()).await),
-        Code::InvalidArgument
-    );
-    r.capacity_range = Some(CapacityRange {
+    let mut limit_below = dir_volume("neg", -1);
+    limit_below.capacity_range = Some(CapacityRange {
         required_bytes: 2 * GIB,
         limit_bytes: GIB,
     });
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::InvalidArgument
-    );
-    let huge = create_req("huge", i64::MAX / 2, rwo());
-    assert_eq!(
-        code(&d.c.controller.create_volume(huge).await),
-        Code::OutOfRange
-    );
+    for (what, req, want) in [
+        (
+            "negative size",
+            dir_volume("neg", -1),
+            Code::InvalidArgument,
+        ),
+        ("limit below required", limit_below, Code::InvalidArgument),
+        (
+            "more than the pool",
+            dir_volume("huge", i64::MAX / 2),
+            Code::OutOfRange,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
     assert!(!d.pool().join("huge").exists());
 }
 
 #[tokio::test]
 async fn create_volume_pool_and_topology_rules() {
     let mut d = Driver::start_with(&[("fast", None), ("slow", None)]).await;
-    let mut r = create_req("pvc-slow", GIB, rwo());
-    r.parameters = params(&[("storagePool", "slow")]);
-    let v =
-        d.c.controller
-            .create_volume(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let in_pool =
+        |name: &str, pool: &str| with_params(dir_volume(name, GIB), &[("storagePool", pool)]);
+    let v = create_ok(&mut d.c, in_pool("pvc-slow", "slow")).await;
     assert_eq!(v.volume_context["storagePool"], "slow");
     assert!(d.pool_paths[1].join("pvc-slow").is_dir());
-    let mut r = create_req("pvc-none", GIB, rwo());
-    r.parameters = params(&[("storagePool", "nope")]);
-    let e = d.c.controller.create_volume(r).await.unwrap_err();
+    let e =
+        d.c.controller
+            .create_volume(in_pool("pvc-none", "nope"))
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(
         e.message().contains("fast") && e.message().contains("slow"),
         "{}",
         e.message()
     );
-    // Same name in another pool conflicts.
-    let mut r = create_req("pvc-slow", GIB, rwo());
-    r.parameters = params(&[("storagePool", "fast")]);
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::AlreadyExists
-    );
-    // Topology that excludes this node.
-    let mut r = create_req("pvc-elsewhere", GIB, rwo());
-    r.accessibility_requirements = Some(TopologyRequirement {
-        requisite: vec![Topology {
-            segments: params(&[("topology.hostpath.csi/node", "other-node")]),
-        }],
-        preferred: vec![],
-    });
-    assert_eq!(
-        code(&d.c.controller.create_volume(r.clone()).await),
-        Code::ResourceExhausted
-    );
-    r.accessibility_requirements.as_mut().unwrap().requisite[0].segments =
-        params(&[("topology.hostpath.csi/node", NODE)]);
-    assert_eq!(code(&d.c.controller.create_volume(r).await), Code::Ok);
-    // Multi-node modes are refused on a node-local pool.
-    let r = create_req("pvc-rwx", GIB, mount_cap(Mode::MultiNodeMultiWriter));
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::InvalidArgument
-    );
+    let on_node = |node: &str| CreateVolumeRequest {
+        accessibility_requirements: Some(TopologyRequirement {
+            requisite: vec![Topology {
+                segments: params(&[("topology.hostpath.csi/node", node)]),
+            }],
+            preferred: vec![],
+        }),
+        ..dir_volume("pvc-elsewhere", GIB)
+    };
+    for (what, req, want) in [
+        (
+            "the same name in another pool",
+            in_pool("pvc-slow", "fast"),
+            Code::AlreadyExists,
+        ),
+        (
+            "a topology that excludes this node",
+            on_node("other-node"),
+            Code::ResourceExhausted,
+        ),
+        ("a topology of this node", on_node(NODE), Code::Ok),
+        (
+            "a multi-node mode on a node-local pool",
+            create_req("pvc-rwx", GIB, mount_cap(Mode::MultiNodeMultiWriter)),
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
 }
 
 #[tokio::test]
 async fn delete_volume_rules() {
     let mut d = Driver::start().await;
-    let r =
-        d.c.controller
-            .delete_volume(DeleteVolumeRequest::default())
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    let r =
-        d.c.controller
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: "fake-vol-id".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::Ok);
-    d.c.controller
-        .create_volume(create_req("pvc-del", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, dir_volume("pvc-del", GIB)).await;
     std::fs::write(d.pool().join("pvc-del/data"), b"x").unwrap();
-    for _ in 0..2 {
-        let r =
-            d.c.controller
-                .delete_volume(DeleteVolumeRequest {
-                    volume_id: "pvc-del".into(),
-                    ..Default::default()
-                })
-                .await;
-        assert_eq!(code(&r), Code::Ok);
+    for (what, req, want) in [
+        (
+            "no volume id",
+            DeleteVolumeRequest::default(),
+            Code::InvalidArgument,
+        ),
+        ("an unknown volume", delete_req("fake-vol-id"), Code::Ok),
+        ("a volume", delete_req("pvc-del"), Code::Ok),
+        ("the same volume again", delete_req("pvc-del"), Code::Ok),
+    ] {
+        assert_code(&d.c.controller.delete_volume(req).await, want, what);
     }
     assert!(!d.pool().join("pvc-del").exists());
     assert!(!d.pool().join(".hostpath-csi/volumes/pvc-del.json").exists());
     // Volume in use: FAILED_PRECONDITION, and the pod's data stays put.
-    d.c.controller
-        .create_volume(create_req("pvc-busy", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, dir_volume("pvc-busy", GIB)).await;
     let target = d.path("pods/busy");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     d.c.node
         .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "pvc-busy".into(),
-            target_path: s(&target),
             staging_target_path: s(&d.path("staging/busy")),
-            volume_capability: Some(rwo()),
-            ..Default::default()
+            ..publish_req("pvc-busy", &target, rwo())
         })
         .await
         .unwrap();
     std::fs::write(target.join("precious"), b"data").unwrap();
     let r = d.c.controller.delete_volume(delete_req("pvc-busy")).await;
-    assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
+    assert_code(&r, Code::FailedPrecondition, "a published volume");
     assert!(r.unwrap_err().message().contains(&s(&target)));
     assert_eq!(std::fs::read(target.join("precious")).unwrap(), b"data");
-    d.c.node
-        .node_unpublish_volume(unpublish_req("pvc-busy", &target))
-        .await
-        .unwrap();
-    d.c.controller
-        .delete_volume(delete_req("pvc-busy"))
-        .await
-        .unwrap();
+    unpublish_ok(&mut d.c, "pvc-busy", &target).await;
+    delete_ok(&mut d.c, "pvc-busy").await;
     assert!(!d.pool().join("pvc-busy").exists());
 }
 
 #[tokio::test]
 async fn validate_volume_capabilities_rules() {
     let mut d = Driver::start().await;
-    let v =
-        d.c.controller
-            .create_volume(create_req("pvc-val", GIB, rwo()))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, dir_volume("pvc-val", GIB)).await;
     let req = |id: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
         volume_id: id.into(),
         volume_capabilities: caps,
         volume_context: v.volume_context.clone(),
         ..Default::default()
     };
-    assert_eq!(
-        code(
-            &d.c.controller
-                .validate_volume_capabilities(req("", vec![rwo()]))
-                .await
+    for (what, req, want) in [
+        ("no volume id", req("", vec![rwo()]), Code::InvalidArgument),
+        (
+            "no capabilities",
+            req("pvc-val", vec![]),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.controller
-                .validate_volume_capabilities(req("pvc-val", vec![]))
-                .await
+        (
+            "an unknown volume",
+            req("fake-vol-id-1", vec![rwo()]),
+            Code::NotFound,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.controller
-                .validate_volume_capabilities(req("fake-vol-id-1", vec![rwo()]))
-                .await
-        ),
-        Code::NotFound
-    );
-    let ok =
+    ] {
+        let r = d.c.controller.validate_volume_capabilities(req).await;
+        assert_code(&r, want, what);
+    }
+    let mut confirmed = async |caps: Vec<VolumeCapability>| {
         d.c.controller
-            .validate_volume_capabilities(req("pvc-val", vec![rwo()]))
+            .validate_volume_capabilities(req("pvc-val", caps))
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+    };
+    let ok = confirmed(vec![rwo()]).await;
     assert!(!ok.confirmed.unwrap().volume_capabilities.is_empty());
-    let no = d
-        .c
-        .controller
-        .validate_volume_capabilities(req("pvc-val", vec![mount_cap(Mode::MultiNodeMultiWriter)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let no = confirmed(vec![mount_cap(Mode::MultiNodeMultiWriter)]).await;
     assert!(no.confirmed.is_none() && !no.message.is_empty());
-    let no =
-        d.c.controller
-            .validate_volume_capabilities(req("pvc-val", vec![block_cap(Mode::SingleNodeWriter)]))
-            .await
-            .unwrap()
-            .into_inner();
+    let no = confirmed(vec![block_rwo()]).await;
     assert!(no.confirmed.is_none());
 }
 
@@ -513,73 +459,38 @@ async fn validate_volume_capabilities_rules() {
 async fn list_volumes_pages_with_stable_tokens() {
     let mut d = Driver::start().await;
     for i in 0..5 {
-        d.c.controller
-            .create_volume(create_req(&format!("vol-{i}"), GIB, rwo()))
-            .await
-            .unwrap();
+        create_ok(&mut d.c, dir_volume(&format!("vol-{i}"), GIB)).await;
     }
-    let all =
-        d.c.controller
-            .list_volumes(ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+    let page = |max_entries, token: &str| ListVolumesRequest {
+        max_entries,
+        starting_token: token.into(),
+    };
+    let all = d.c.controller.list_volumes(page(0, "")).await;
+    let all = all.unwrap().into_inner();
     assert_eq!(all.entries.len(), 5);
     assert!(all.next_token.is_empty());
-    let p1 =
-        d.c.controller
-            .list_volumes(ListVolumesRequest {
-                max_entries: 2,
-                starting_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let p1 = d.c.controller.list_volumes(page(2, "")).await;
+    let p1 = p1.unwrap().into_inner();
     assert_eq!(p1.entries.len(), 2);
     assert!(!p1.next_token.is_empty());
     // Delete the last entry of the page and add a new volume: the token still works.
-    d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "vol-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    d.c.controller
-        .create_volume(create_req("vol-9", GIB, rwo()))
-        .await
-        .unwrap();
-    let p2 =
-        d.c.controller
-            .list_volumes(ListVolumesRequest {
-                max_entries: 0,
-                starting_token: p1.next_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    delete_ok(&mut d.c, "vol-1").await;
+    create_ok(&mut d.c, dir_volume("vol-9", GIB)).await;
+    let p2 = d.c.controller.list_volumes(page(0, &p1.next_token)).await;
     let ids: Vec<String> = p2
+        .unwrap()
+        .into_inner()
         .entries
         .iter()
         .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
         .collect();
     assert_eq!(ids, ["vol-2", "vol-3", "vol-4", "vol-9"]);
-    let r =
-        d.c.controller
-            .list_volumes(ListVolumesRequest {
-                max_entries: 0,
-                starting_token: "invalid-token".into(),
-            })
-            .await;
-    assert_eq!(code(&r), Code::Aborted);
-    let r =
-        d.c.controller
-            .list_volumes(ListVolumesRequest {
-                max_entries: -1,
-                starting_token: String::new(),
-            })
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
+    for (what, req, want) in [
+        ("a bogus token", page(0, "invalid-token"), Code::Aborted),
+        ("negative max_entries", page(-1, ""), Code::InvalidArgument),
+    ] {
+        assert_code(&d.c.controller.list_volumes(req).await, want, what);
+    }
     // The private area is never a volume.
     assert!(ids.iter().all(|i| !i.starts_with('.')));
 }
@@ -601,150 +512,93 @@ async fn get_capacity_reports_pool_space_for_this_node_only() {
         }),
         ..Default::default()
     };
-    assert_eq!(
-        d.c.controller
-            .get_capacity(other)
-            .await
-            .unwrap()
-            .into_inner()
-            .available_capacity,
-        0
-    );
+    let r = d.c.controller.get_capacity(other).await.unwrap();
+    assert_eq!(r.into_inner().available_capacity, 0);
     let bad = GetCapacityRequest {
         parameters: params(&[("storagePool", "missing")]),
         ..Default::default()
     };
-    assert_eq!(
-        code(&d.c.controller.get_capacity(bad).await),
-        Code::InvalidArgument
-    );
+    let r = d.c.controller.get_capacity(bad).await;
+    assert_code(&r, Code::InvalidArgument, "an unknown pool");
 }
 
 #[tokio::test]
 async fn controller_get_volume_and_expand() {
     let mut d = Driver::start().await;
-    let r =
-        d.c.controller
-            .controller_get_volume(ControllerGetVolumeRequest {
-                volume_id: "missing".into(),
-            })
-            .await;
-    assert_eq!(code(&r), Code::NotFound);
-    d.c.controller
-        .create_volume(create_req("pvc-grow", SIZE, rwo()))
-        .await
-        .unwrap();
-    let got =
-        d.c.controller
-            .controller_get_volume(ControllerGetVolumeRequest {
-                volume_id: "pvc-grow".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let get = |id: &str| ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    let r = d.c.controller.controller_get_volume(get("missing")).await;
+    assert_code(&r, Code::NotFound, "an unknown volume");
+    create_ok(&mut d.c, dir_volume("pvc-grow", SIZE)).await;
+    let got = d.c.controller.controller_get_volume(get("pvc-grow")).await;
+    let got = got.unwrap().into_inner();
     assert!(got.status.is_some());
     assert_eq!(got.volume.unwrap().capacity_bytes, SIZE);
     let r =
         d.c.controller
-            .controller_expand_volume(ControllerExpandVolumeRequest {
-                volume_id: "pvc-grow".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    let r =
-        d.c.controller
-            .controller_expand_volume(ControllerExpandVolumeRequest {
-                volume_id: "pvc-grow".into(),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: SIZE + GIB,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(rwo()),
-                ..Default::default()
-            })
+            .controller_expand_volume(grow_req("pvc-grow", SIZE + GIB, Some(rwo())))
             .await
             .unwrap()
             .into_inner();
     assert_eq!(r.capacity_bytes, SIZE + GIB);
     assert!(!r.node_expansion_required);
-    let shrink = ControllerExpandVolumeRequest {
+    let no_range = ControllerExpandVolumeRequest {
         volume_id: "pvc-grow".into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: GIB,
-            limit_bytes: GIB,
-        }),
         ..Default::default()
     };
-    assert_eq!(
-        code(&d.c.controller.controller_expand_volume(shrink).await),
-        Code::OutOfRange
-    );
-    let missing = ControllerExpandVolumeRequest {
-        volume_id: "missing".into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: GIB,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    };
-    assert_eq!(
-        code(&d.c.controller.controller_expand_volume(missing).await),
-        Code::NotFound
-    );
+    let mut shrink = grow_req("pvc-grow", GIB, None);
+    shrink.capacity_range.as_mut().unwrap().limit_bytes = GIB;
+    for (what, req, want) in [
+        ("no capacity range", no_range, Code::InvalidArgument),
+        ("a shrink", shrink, Code::OutOfRange),
+        (
+            "an unknown volume",
+            grow_req("missing", GIB, None),
+            Code::NotFound,
+        ),
+    ] {
+        let r = d.c.controller.controller_expand_volume(req).await;
+        assert_code(&r, want, what);
+    }
 }
 
 #[tokio::test]
 async fn modify_volume_rules() {
     let mut d = Driver::start().await;
-    let mut r = create_req("pvc-mod", GIB, rwo());
+    let mut r = dir_volume("pvc-mod", GIB);
     r.mutable_parameters = params(&[("XXX_FakeKey", "x")]);
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::InvalidArgument
+    let r = d.c.controller.create_volume(r).await;
+    assert_code(
+        &r,
+        Code::InvalidArgument,
+        "an unknown mutable parameter at create",
     );
-    d.c.controller
-        .create_volume(create_req("pvc-mod", GIB, rwo()))
-        .await
-        .unwrap();
-    let m = |id: &str, p: &[(&str, &str)]| ControllerModifyVolumeRequest {
-        volume_id: id.into(),
-        mutable_parameters: params(p),
-        ..Default::default()
-    };
-    assert_eq!(
-        code(&d.c.controller.controller_modify_volume(m("", &[])).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.controller
-                .controller_modify_volume(m("non-existing-volume-id", &[]))
-                .await
+    create_ok(&mut d.c, dir_volume("pvc-mod", GIB)).await;
+    for (what, req, want) in [
+        ("no volume id", modify_req("", &[]), Code::InvalidArgument),
+        (
+            "an unknown volume",
+            modify_req("non-existing-volume-id", &[]),
+            Code::NotFound,
         ),
-        Code::NotFound
-    );
-    assert_eq!(
-        code(
-            &d.c.controller
-                .controller_modify_volume(m("pvc-mod", &[("XXX_FakeKey", "x")]))
-                .await
+        (
+            "an unknown mutable parameter",
+            modify_req("pvc-mod", &[("XXX_FakeKey", "x")]),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.controller
-                .controller_modify_volume(m("pvc-mod", &[]))
-                .await
-        ),
-        Code::Ok
-    );
+        ("no parameters", modify_req("pvc-mod", &[]), Code::Ok),
+    ] {
+        let r = d.c.controller.controller_modify_volume(req).await;
+        assert_code(&r, want, what);
+    }
     // mutable_parameters take precedence over parameters in CreateVolume.
-    let mut thin = create_req("pvc-thin", 16 * MIB, block_cap(Mode::SingleNodeWriter));
-    thin.parameters = params(&[("preallocation", "true")]);
+    let mut thin = with_params(
+        block_volume("pvc-thin", 16 * MIB),
+        &[("preallocation", "true")],
+    );
     thin.mutable_parameters = params(&[("preallocation", "false")]);
-    d.c.controller.create_volume(thin).await.unwrap();
+    create_ok(&mut d.c, thin).await;
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(d.pool().join("pvc-thin"))
         .unwrap()
@@ -760,42 +614,9 @@ async fn modify_volume_rules() {
 #[tokio::test]
 async fn node_full_cycle_with_stats_and_idempotency() {
     let mut d = Driver::start().await;
-    let v =
-        d.c.controller
-            .create_volume(exact("pvc-node", SIZE))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-    let mount_dir = d.path("csi-mount");
-    let staging = d.path("csi-staging");
-    std::fs::create_dir(&mount_dir).unwrap();
-    std::fs::create_dir(&staging).unwrap();
-    let target = mount_dir.join("target");
-    for _ in 0..3 {
-        d.c.node
-            .node_stage_volume(NodeStageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-                volume_capability: Some(rwo()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let publish = NodePublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        target_path: target.to_string_lossy().into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(rwo()),
-        volume_context: v.volume_context.clone(),
-        ..Default::default()
-    };
-    for _ in 0..10 {
-        d.c.node.node_publish_volume(publish.clone()).await.unwrap();
-    }
+    let v = create_ok(&mut d.c, exact("pvc-node", SIZE)).await;
+    let reqs = sanity_node_requests(&d, &v, rwo());
+    let (staging, target) = stage_publish_repeatedly(&mut d, &reqs, 3, 10).await;
     assert_eq!(
         mounts_under(&target).len(),
         1,
@@ -804,11 +625,15 @@ async fn node_full_cycle_with_stats_and_idempotency() {
     std::fs::write(target.join("hello"), vec![1u8; 256 * 1024]).unwrap();
     assert!(d.pool().join("pvc-node/hello").exists());
     // Read-only publish of the same target is a conflict.
-    let mut ro = publish.clone();
-    ro.readonly = true;
-    assert_eq!(
-        code(&d.c.node.node_publish_volume(ro).await),
-        Code::AlreadyExists
+    let ro = NodePublishVolumeRequest {
+        readonly: true,
+        ..reqs.1.clone()
+    };
+    let r = d.c.node.node_publish_volume(ro).await;
+    assert_code(
+        &r,
+        Code::AlreadyExists,
+        "read-only publish of a published target",
     );
     let stats =
         d.c.node
@@ -827,18 +652,11 @@ async fn node_full_cycle_with_stats_and_idempotency() {
     assert_eq!(inodes.used, 2);
     let r =
         d.c.node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: "some/path".into(),
-                ..Default::default()
-            })
+            .node_get_volume_stats(stats_req(&v.volume_id, Path::new("some/path")))
             .await;
-    assert_eq!(code(&r), Code::NotFound);
+    assert_code(&r, Code::NotFound, "stats of a path the volume is not at");
     for _ in 0..2 {
-        d.c.node
-            .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
-            .await
-            .unwrap();
+        unpublish_ok(&mut d.c, &v.volume_id, &target).await;
     }
     assert!(
         !target.exists(),
@@ -851,301 +669,216 @@ async fn node_full_cycle_with_stats_and_idempotency() {
             .unwrap();
     }
     assert!(mounts_under(d.dir.path()).is_empty());
-    d.c.controller
-        .delete_volume(delete_req(&v.volume_id))
-        .await
-        .unwrap();
-    assert!(std::fs::read_dir(&mount_dir).unwrap().next().is_none());
+    delete_ok(&mut d.c, &v.volume_id).await;
+    assert!(std::fs::read_dir(d.path("csi-mount"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[tokio::test]
 async fn node_publish_validation_and_read_only() {
     let mut d = Driver::start().await;
-    let pubreq = |id: &str, target: &str, cap: Option<VolumeCapability>| NodePublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.into(),
-        staging_target_path: format!("{target}.staging"),
-        volume_capability: cap,
-        ..Default::default()
+    create_ok(&mut d.c, dir_volume("pvc-ro", GIB)).await;
+    let t = d.path("t");
+    let no_cap = NodePublishVolumeRequest {
+        volume_capability: None,
+        ..publish_req("fake-vol", &t, rwo())
     };
-    let t = d.path("t").to_string_lossy().into_owned();
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_publish_volume(pubreq("", &t, Some(rwo())))
-                .await
-        ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_publish_volume(pubreq("fake-vol", "", Some(rwo())))
-                .await
-        ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_publish_volume(pubreq("fake-vol", &t, None))
-                .await
-        ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_publish_volume(pubreq("fake-vol", &t, Some(rwo())))
-                .await
-        ),
-        Code::NotFound
-    );
-    d.c.controller
-        .create_volume(create_req("pvc-ro", GIB, rwo()))
-        .await
-        .unwrap();
     // STAGE_UNSTAGE_VOLUME is advertised: no staging path is the spec's
     // FAILED_PRECONDITION, after the existence check (NOT_FOUND first).
-    let unstaged = |id: &str| NodePublishVolumeRequest {
-        staging_target_path: String::new(),
-        ..pubreq(id, &t, Some(rwo()))
-    };
-    assert_eq!(
-        code(&d.c.node.node_publish_volume(unstaged("fake-vol")).await),
-        Code::NotFound
-    );
-    assert_eq!(
-        code(&d.c.node.node_publish_volume(unstaged("pvc-ro")).await),
-        Code::FailedPrecondition
-    );
-    assert!(!std::path::Path::new(&t).exists());
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_publish_volume(pubreq("pvc-ro", "relative/path", Some(rwo())))
-                .await
+    let unstaged = |id: &str| unstaged_publish_req(id, &t, rwo());
+    for (what, req, want) in [
+        (
+            "no volume id",
+            publish_req("", &t, rwo()),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    let mut ro = pubreq("pvc-ro", &t, Some(rwo()));
-    ro.readonly = true;
+        (
+            "no target",
+            publish_req("fake-vol", Path::new(""), rwo()),
+            Code::InvalidArgument,
+        ),
+        ("no capability", no_cap, Code::InvalidArgument),
+        (
+            "an unknown volume",
+            publish_req("fake-vol", &t, rwo()),
+            Code::NotFound,
+        ),
+        (
+            "an unknown volume, unstaged",
+            unstaged("fake-vol"),
+            Code::NotFound,
+        ),
+        (
+            "no staging path",
+            unstaged("pvc-ro"),
+            Code::FailedPrecondition,
+        ),
+        (
+            "a relative target",
+            publish_req("pvc-ro", Path::new("relative/path"), rwo()),
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_code(&d.c.node.node_publish_volume(req).await, want, what);
+    }
+    assert!(!t.exists());
+    let ro = NodePublishVolumeRequest {
+        readonly: true,
+        ..publish_req("pvc-ro", &t, rwo())
+    };
     d.c.node.node_publish_volume(ro.clone()).await.unwrap();
     let err = std::fs::write(d.path("t/x"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     d.c.node.node_publish_volume(ro).await.unwrap();
     // mount_flags are applied.
-    let mut flagged = pubreq("pvc-ro", &d.path("t2").to_string_lossy(), Some(rwo()));
-    if let Some(volume_capability::AccessType::Mount(m)) =
-        &mut flagged.volume_capability.as_mut().unwrap().access_type
-    {
-        m.mount_flags = vec!["noexec".into()];
-    }
-    d.c.node.node_publish_volume(flagged).await.unwrap();
+    let t2 = d.path("t2");
+    publish_ok(&mut d.c, "pvc-ro", &t2, mount_cap_flags(&["noexec"])).await;
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = mi
-        .lines()
-        .find(|l| l.contains(&*d.path("t2").to_string_lossy()))
-        .unwrap();
+    let line = mi.lines().find(|l| l.contains(&*s(&t2))).unwrap();
     assert!(line.contains("noexec"), "{line}");
     // Unpublish rules.
-    let un = |id: &str, target: &str| NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.into(),
-    };
-    assert_eq!(
-        code(&d.c.node.node_unpublish_volume(un("", &t)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.node.node_unpublish_volume(un("pvc-ro", "")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.node.node_unpublish_volume(un("pvc-ro", &t)).await),
-        Code::Ok
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_unpublish_volume(un("pvc-ro", &d.path("t2").to_string_lossy()))
-                .await
+    for (what, req, want) in [
+        ("no volume id", unpublish_req("", &t), Code::InvalidArgument),
+        (
+            "no target",
+            unpublish_req("pvc-ro", Path::new("")),
+            Code::InvalidArgument,
         ),
-        Code::Ok
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_unpublish_volume(un("never-published", &d.path("nothing").to_string_lossy()))
-                .await
+        (
+            "a read-only publication",
+            unpublish_req("pvc-ro", &t),
+            Code::Ok,
         ),
-        Code::Ok
-    );
+        (
+            "a publication with flags",
+            unpublish_req("pvc-ro", &t2),
+            Code::Ok,
+        ),
+        (
+            "a volume never published",
+            unpublish_req("never-published", &d.path("nothing")),
+            Code::Ok,
+        ),
+    ] {
+        assert_code(&d.c.node.node_unpublish_volume(req).await, want, what);
+    }
 }
 
 #[tokio::test]
 async fn single_writer_refuses_a_second_target() {
     let mut d = Driver::start().await;
     let cap = mount_cap(Mode::SingleNodeSingleWriter);
-    d.c.controller
-        .create_volume(create_req("pvc-rwop", GIB, cap.clone()))
-        .await
-        .unwrap();
-    let req = |t: &str| NodePublishVolumeRequest {
-        volume_id: "pvc-rwop".into(),
-        target_path: t.into(),
-        staging_target_path: format!("{t}.staging"),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
-    d.c.node
-        .node_publish_volume(req(&d.path("a").to_string_lossy()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, create_req("pvc-rwop", GIB, cap.clone())).await;
+    let (a, b) = (d.path("a"), d.path("b"));
+    publish_ok(&mut d.c, "pvc-rwop", &a, cap.clone()).await;
     let r =
         d.c.node
-            .node_publish_volume(req(&d.path("b").to_string_lossy()))
-            .await;
-    assert_eq!(code(&r), Code::FailedPrecondition);
+            .node_publish_volume(publish_req("pvc-rwop", &b, cap));
+    let r = r.await;
+    assert_code(&r, Code::FailedPrecondition, "a second target");
 }
 
 #[tokio::test]
 async fn node_stage_and_expand_validation() {
     let mut d = Driver::start().await;
-    let staging = d.path("stage").to_string_lossy().into_owned();
-    let st = |id: &str, path: &str, cap: Option<VolumeCapability>| NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: path.into(),
-        volume_capability: cap,
-        ..Default::default()
+    create_ok(&mut d.c, dir_volume("pvc-st", GIB)).await;
+    let staging = d.path("stage");
+    let none = Path::new("");
+    let no_cap = NodeStageVolumeRequest {
+        volume_capability: None,
+        ..stage_req("pvc-st", &staging, rwo())
     };
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_stage_volume(st("", &staging, Some(rwo())))
-                .await
+    for (what, req, want) in [
+        (
+            "no volume id",
+            stage_req("", &staging, rwo()),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_stage_volume(st("fake", "", Some(rwo())))
-                .await
+        (
+            "no staging path",
+            stage_req("fake", none, rwo()),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    d.c.controller
-        .create_volume(create_req("pvc-st", GIB, rwo()))
-        .await
-        .unwrap();
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_stage_volume(st("pvc-st", &staging, None))
-                .await
+        ("no capability", no_cap, Code::InvalidArgument),
+        (
+            "an unknown volume",
+            stage_req("fake-vol", &staging, rwo()),
+            Code::NotFound,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_stage_volume(st("fake-vol", &staging, Some(rwo())))
-                .await
+    ] {
+        assert_code(&d.c.node.node_stage_volume(req).await, want, what);
+    }
+    for (what, req, want) in [
+        (
+            "no volume id",
+            unstage_req("", &staging),
+            Code::InvalidArgument,
         ),
-        Code::NotFound
-    );
-    let unst = |id: &str, path: &str| NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: path.into(),
-    };
-    assert_eq!(
-        code(&d.c.node.node_unstage_volume(unst("", &staging)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.node.node_unstage_volume(unst("fake", "")).await),
-        Code::InvalidArgument
-    );
+        (
+            "no staging path",
+            unstage_req("fake", none),
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_code(&d.c.node.node_unstage_volume(req).await, want, what);
+    }
     let ex = |id: &str, path: &str| NodeExpandVolumeRequest {
         volume_id: id.into(),
         volume_path: path.into(),
         ..Default::default()
     };
-    assert_eq!(
-        code(&d.c.node.node_expand_volume(ex("", &staging)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.node.node_expand_volume(ex("pvc-st", "")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_expand_volume(ex("fake-vol", "some/path"))
-                .await
-        ),
-        Code::NotFound
-    );
     // A limit below the volume's size cannot be met: volumes never shrink.
-    let mut below = ex("pvc-st", &s(d.dir.path()));
-    below.capacity_range = Some(CapacityRange {
-        required_bytes: 0,
-        limit_bytes: MIB,
-    });
-    assert_eq!(
-        code(&d.c.node.node_expand_volume(below).await),
-        Code::OutOfRange
-    );
-    // A capability of another access type than the volume's.
-    let mut as_block = ex("pvc-st", &s(d.dir.path()));
-    as_block.volume_capability = Some(block_cap(Mode::SingleNodeWriter));
-    assert_eq!(
-        code(&d.c.node.node_expand_volume(as_block).await),
-        Code::InvalidArgument
-    );
-    let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: path.into(),
-        ..Default::default()
+    let below = NodeExpandVolumeRequest {
+        capacity_range: Some(CapacityRange {
+            required_bytes: 0,
+            limit_bytes: MIB,
+        }),
+        ..ex("pvc-st", &s(d.dir.path()))
     };
-    assert_eq!(
-        code(&d.c.node.node_get_volume_stats(stats("", "some/path")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.node.node_get_volume_stats(stats("fake", "")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.node
-                .node_get_volume_stats(stats("fake-vol", "some/path"))
-                .await
+    // A capability of another access type than the volume's.
+    let as_block = NodeExpandVolumeRequest {
+        volume_capability: Some(block_rwo()),
+        ..ex("pvc-st", &s(d.dir.path()))
+    };
+    for (what, req, want) in [
+        ("no volume id", ex("", &s(&staging)), Code::InvalidArgument),
+        ("no volume path", ex("pvc-st", ""), Code::InvalidArgument),
+        (
+            "an unknown volume",
+            ex("fake-vol", "some/path"),
+            Code::NotFound,
         ),
-        Code::NotFound
-    );
+        ("a limit below the size", below, Code::OutOfRange),
+        ("a block capability", as_block, Code::InvalidArgument),
+    ] {
+        assert_code(&d.c.node.node_expand_volume(req).await, want, what);
+    }
+    let some = Path::new("some/path");
+    for (what, req, want) in [
+        ("no volume id", stats_req("", some), Code::InvalidArgument),
+        (
+            "no volume path",
+            stats_req("fake", none),
+            Code::InvalidArgument,
+        ),
+        (
+            "an unknown volume",
+            stats_req("fake-vol", some),
+            Code::NotFound,
+        ),
+    ] {
+        assert_code(&d.c.node.node_get_volume_stats(req).await, want, what);
+    }
 }
 
 #[tokio::test]
 async fn stats_report_abnormal_when_backing_directory_is_gone() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(create_req("pvc-gone", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, dir_volume("pvc-gone", GIB)).await;
     let t = d.path("t");
-    d.c.node
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "pvc-gone".into(),
-            target_path: t.to_string_lossy().into(),
-            staging_target_path: staging_for(&t),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    publish_ok(&mut d.c, "pvc-gone", &t, rwo()).await;
     // The metadata stays; the directory vanishes under the mount.
     std::fs::rename(
         d.pool().join("pvc-gone"),
@@ -1154,11 +887,7 @@ async fn stats_report_abnormal_when_backing_directory_is_gone() {
     .unwrap();
     let r =
         d.c.node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: "pvc-gone".into(),
-                volume_path: t.to_string_lossy().into(),
-                ..Default::default()
-            })
+            .node_get_volume_stats(stats_req("pvc-gone", &t))
             .await;
     let cond = r.unwrap().into_inner().volume_condition.unwrap();
     assert!(cond.abnormal, "{cond:?}");
@@ -1183,25 +912,14 @@ async fn go_driver_volume_is_listed_and_publishable() {
     let t = d.path("legacy-target");
     d.c.node
         .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "pvc-legacy".into(),
-            target_path: t.to_string_lossy().into(),
-            staging_target_path: staging_for(&t),
-            volume_capability: Some(rwo()),
             volume_context: v.volume_context,
-            ..Default::default()
+            ..publish_req("pvc-legacy", &t, rwo())
         })
         .await
         .unwrap();
     assert_eq!(std::fs::read(t.join("disk.img")).unwrap(), b"vm disk");
     // Re-creating it (the provisioner retrying) returns it unchanged.
-    let again =
-        d.c.controller
-            .create_volume(create_req("pvc-legacy", GIB, rwo()))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let again = create_ok(&mut d.c, dir_volume("pvc-legacy", GIB)).await;
     assert_eq!(again.volume_id, "pvc-legacy");
     // Adopted with an honest capacity: what was asked, never less.
     assert!(again.capacity_bytes >= GIB, "{}", again.capacity_bytes);
@@ -1213,295 +931,129 @@ async fn go_driver_volume_is_listed_and_publishable() {
         .unwrap();
     let r =
         d.c.controller
-            .create_volume(create_req(
-                "pvc-bare",
-                GIB,
-                block_cap(Mode::SingleNodeWriter),
-            ))
+            .create_volume(block_volume("pvc-bare", GIB))
             .await;
-    assert_eq!(code(&r), Code::AlreadyExists, "{r:?}");
+    assert_code(&r, Code::AlreadyExists, "a bare file smaller than asked");
 }
 
 #[tokio::test]
 async fn snapshots_create_list_get_delete_restore() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(exact("pvc-src", GIB))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, exact("pvc-src", GIB)).await;
+    create_ok(&mut d.c, exact("pvc-other", GIB)).await;
     std::fs::write(d.pool().join("pvc-src/data"), b"original").unwrap();
-    let snap = |name: &str, src: &str| CreateSnapshotRequest {
-        name: name.into(),
-        source_volume_id: src.into(),
-        ..Default::default()
-    };
-    assert_eq!(
-        code(&d.c.controller.create_snapshot(snap("", "testId")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(&d.c.controller.create_snapshot(snap("name", "")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            &d.c.controller
-                .create_snapshot(snap("snap-x", "missing-vol"))
-                .await
-        ),
-        Code::NotFound
-    );
-    let s1 =
-        d.c.controller
-            .create_snapshot(snap("snap-1", "pvc-src"))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+    let s1 = snapshot_ok(&mut d.c, "snap-1", "pvc-src").await;
     assert!(s1.ready_to_use && s1.creation_time.is_some());
     assert_eq!(s1.source_volume_id, "pvc-src");
     assert_eq!(s1.size_bytes, GIB);
-    let again =
-        d.c.controller
-            .create_snapshot(snap("snap-1", "pvc-src"))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
-    assert_eq!(again, s1);
-    d.c.controller
-        .create_volume(exact("pvc-other", GIB))
-        .await
-        .unwrap();
-    assert_eq!(
-        code(
-            &d.c.controller
-                .create_snapshot(snap("snap-1", "pvc-other"))
-                .await
+    assert_eq!(snapshot_ok(&mut d.c, "snap-1", "pvc-src").await, s1);
+    for (what, req, want) in [
+        ("no name", snapshot_req("", "testId"), Code::InvalidArgument),
+        ("no source", snapshot_req("name", ""), Code::InvalidArgument),
+        (
+            "an unknown source",
+            snapshot_req("snap-x", "missing-vol"),
+            Code::NotFound,
         ),
-        Code::AlreadyExists
-    );
-    for i in 2..6 {
-        d.c.controller
-            .create_snapshot(snap(&format!("snap-{i}"), "pvc-other"))
-            .await
-            .unwrap();
+        (
+            "a name taken by another source",
+            snapshot_req("snap-1", "pvc-other"),
+            Code::AlreadyExists,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_snapshot(req).await, want, what);
     }
-    let list = |id: &str, src: &str, max: i32, token: &str| ListSnapshotsRequest {
+    for i in 2..6 {
+        snapshot_ok(&mut d.c, &format!("snap-{i}"), "pvc-other").await;
+    }
+    let mut listed = async |id: &str, src: &str, max: i32, token: &str| {
+        let r =
+            d.c.controller
+                .list_snapshots(list_snapshots_req(id, src, max, token));
+        r.await.unwrap().into_inner()
+    };
+    assert_eq!(listed("", "", 0, "").await.entries.len(), 5);
+    assert_eq!(listed("snap-3", "", 0, "").await.entries.len(), 1);
+    assert!(listed("none-exist-id", "", 0, "").await.entries.is_empty());
+    assert_eq!(listed("", "pvc-src", 0, "").await.entries.len(), 1);
+    let p1 = listed("", "", 2, "").await;
+    assert_eq!(p1.entries.len(), 2);
+    assert_eq!(listed("", "", 0, &p1.next_token).await.entries.len(), 3);
+    let r =
+        d.c.controller
+            .list_snapshots(list_snapshots_req("", "", 0, "bogus"))
+            .await;
+    assert_code(&r, Code::Aborted, "a bogus token");
+    let get = |id: &str| GetSnapshotRequest {
         snapshot_id: id.into(),
-        source_volume_id: src.into(),
-        max_entries: max,
-        starting_token: token.into(),
         ..Default::default()
     };
-    let all =
-        d.c.controller
-            .list_snapshots(list("", "", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(all.entries.len(), 5);
-    let one =
-        d.c.controller
-            .list_snapshots(list("snap-3", "", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(one.entries.len(), 1);
-    let none =
-        d.c.controller
-            .list_snapshots(list("none-exist-id", "", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert!(none.entries.is_empty());
-    let by_src =
-        d.c.controller
-            .list_snapshots(list("", "pvc-src", 0, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(by_src.entries.len(), 1);
-    let p1 =
-        d.c.controller
-            .list_snapshots(list("", "", 2, ""))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(p1.entries.len(), 2);
-    let p2 =
-        d.c.controller
-            .list_snapshots(list("", "", 0, &p1.next_token))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(p2.entries.len(), 3);
-    assert_eq!(
-        code(
-            &d.c.controller
-                .list_snapshots(list("", "", 0, "bogus"))
-                .await
-        ),
-        Code::Aborted
-    );
-    let got =
-        d.c.controller
-            .get_snapshot(GetSnapshotRequest {
-                snapshot_id: "snap-1".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(got.snapshot.unwrap().snapshot_id, "snap-1");
-    assert_eq!(
-        code(
-            &d.c.controller
-                .get_snapshot(GetSnapshotRequest {
-                    snapshot_id: "nope".into(),
-                    ..Default::default()
-                })
-                .await
-        ),
-        Code::NotFound
-    );
+    let got = d.c.controller.get_snapshot(get("snap-1")).await.unwrap();
+    assert_eq!(got.into_inner().snapshot.unwrap().snapshot_id, "snap-1");
+    let r = d.c.controller.get_snapshot(get("nope")).await;
+    assert_code(&r, Code::NotFound, "an unknown snapshot");
     // Restore, and the source can change or go away independently.
     std::fs::write(d.pool().join("pvc-src/data"), b"changed").unwrap();
-    let mut restore = exact("pvc-restored", GIB);
-    restore.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Snapshot(SnapshotSource {
-            snapshot_id: "snap-1".into(),
-        })),
-    });
-    let v =
-        d.c.controller
-            .create_volume(restore)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, restore_of(exact("pvc-restored", GIB), "snap-1")).await;
     assert!(v.content_source.is_some());
     assert_eq!(
         std::fs::read(d.pool().join("pvc-restored/data")).unwrap(),
         b"original"
     );
-    let mut bad = exact("pvc-bad", GIB);
-    bad.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Snapshot(SnapshotSource {
-            snapshot_id: "non-existing-snapshot-id".into(),
-        })),
-    });
-    assert_eq!(
-        code(&d.c.controller.create_volume(bad).await),
-        Code::NotFound
-    );
-    d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-src".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        code(
-            &d.c.controller
-                .delete_snapshot(DeleteSnapshotRequest {
-                    snapshot_id: String::new(),
-                    ..Default::default()
-                })
-                .await
-        ),
-        Code::InvalidArgument
-    );
-    for _ in 0..2 {
-        assert_eq!(
-            code(
-                &d.c.controller
-                    .delete_snapshot(DeleteSnapshotRequest {
-                        snapshot_id: "snap-1".into(),
-                        ..Default::default()
-                    })
-                    .await
-            ),
-            Code::Ok
-        );
+    let bad = restore_of(exact("pvc-bad", GIB), "non-existing-snapshot-id");
+    let r = d.c.controller.create_volume(bad).await;
+    assert_code(&r, Code::NotFound, "a restore of an unknown snapshot");
+    delete_ok(&mut d.c, "pvc-src").await;
+    for (what, id, want) in [
+        ("no snapshot id", "", Code::InvalidArgument),
+        ("a snapshot of a deleted source", "snap-1", Code::Ok),
+        ("the same snapshot again", "snap-1", Code::Ok),
+        ("an unknown snapshot", "reallyfakesnapshotid", Code::Ok),
+    ] {
+        let r =
+            d.c.controller
+                .delete_snapshot(delete_snapshot_req(id))
+                .await;
+        assert_code(&r, want, what);
     }
-    assert_eq!(
-        code(
-            &d.c.controller
-                .delete_snapshot(DeleteSnapshotRequest {
-                    snapshot_id: "reallyfakesnapshotid".into(),
-                    ..Default::default()
-                })
-                .await
-        ),
-        Code::Ok
-    );
 }
 
 #[tokio::test]
 async fn clone_volume_copies_content() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(exact("pvc-a", GIB))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, exact("pvc-a", GIB)).await;
     std::fs::create_dir(d.pool().join("pvc-a/sub")).unwrap();
     std::fs::write(d.pool().join("pvc-a/sub/f"), b"payload").unwrap();
-    let mut c = exact("pvc-b", 2 * GIB);
-    c.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Volume(VolumeSource {
-            volume_id: "pvc-a".into(),
-        })),
-    });
-    let v =
-        d.c.controller
-            .create_volume(c)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, clone_of(exact("pvc-b", 2 * GIB), "pvc-a")).await;
     assert_eq!(v.capacity_bytes, 2 * GIB);
     assert_eq!(
         std::fs::read(d.pool().join("pvc-b/sub/f")).unwrap(),
         b"payload"
     );
-    let mut missing = exact("pvc-c", GIB);
-    missing.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Volume(VolumeSource {
-            volume_id: "fake-vol-id-12345".into(),
-        })),
-    });
-    assert_eq!(
-        code(&d.c.controller.create_volume(missing).await),
-        Code::NotFound
-    );
-    let mut smaller = exact("pvc-d", GIB / 2);
-    smaller.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Volume(VolumeSource {
-            volume_id: "pvc-a".into(),
-        })),
-    });
-    assert_eq!(
-        code(&d.c.controller.create_volume(smaller).await),
-        Code::OutOfRange
-    );
+    for (what, req, want) in [
+        (
+            "a clone of an unknown volume",
+            clone_of(exact("pvc-c", GIB), "fake-vol-id-12345"),
+            Code::NotFound,
+        ),
+        (
+            "a clone smaller than its source",
+            clone_of(exact("pvc-d", GIB / 2), "pvc-a"),
+            Code::OutOfRange,
+        ),
+    ] {
+        assert_code(&d.c.controller.create_volume(req).await, want, what);
+    }
     assert!(!d.pool().join("pvc-c").exists() && !d.pool().join("pvc-d").exists());
     // What a failed create built is removed in the background.
     let tmp = d.pool().join(".hostpath-csi/tmp");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_dir(&tmp).unwrap().next().is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leftovers stay in {}",
-            tmp.display()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(
+        "a failed create's leftovers are removed",
+        EVENTUALLY,
+        || std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        || format!("leftovers stay in {}", tmp.display()),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -1511,7 +1063,7 @@ async fn concurrent_creates_of_one_name_make_one_volume() {
     for _ in 0..64 {
         let mut c = d.c.controller.clone();
         tasks.push(tokio::spawn(async move {
-            c.create_volume(create_req("pvc-race", GIB, rwo())).await
+            c.create_volume(dir_volume("pvc-race", GIB)).await
         }));
     }
     let mut ok = 0;
@@ -1559,55 +1111,38 @@ async fn socket_is_not_world_accessible_and_sigterm_removes_it() {
 #[tokio::test]
 async fn ephemeral_inline_volume_lives_from_publish_to_unpublish() {
     let mut d = Driver::start().await;
-    let target = d.path("pods/uid/volumes/scratch");
-    let mut context = params(&[
-        ("csi.storage.k8s.io/ephemeral", "true"),
-        ("csi.storage.k8s.io/pod.name", "vm-launcher"),
-        ("size", "1Gi"),
-    ]);
-    let req = NodePublishVolumeRequest {
-        volume_id: "csi-0123456789abcdef".into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(rwo()),
-        volume_context: context.clone(),
-        ..Default::default()
+    let (id, target) = ("csi-0123456789abcdef", d.path("pods/uid/volumes/scratch"));
+    let sized = |size| {
+        ephemeral_publish_req(
+            id,
+            &target,
+            &[
+                ("csi.storage.k8s.io/pod.name", "vm-launcher"),
+                ("size", size),
+            ],
+        )
     };
-    d.c.node.node_publish_volume(req.clone()).await.unwrap();
-    d.c.node.node_publish_volume(req.clone()).await.unwrap();
+    d.c.node.node_publish_volume(sized("1Gi")).await.unwrap();
+    d.c.node.node_publish_volume(sized("1Gi")).await.unwrap();
     std::fs::write(target.join("scratch"), b"tmp").unwrap();
     // Pod authors size it, so it is a hard limit: an image volume.
-    assert!(d.pool().join("csi-0123456789abcdef").is_file());
+    assert!(d.pool().join(id).is_file());
     assert_eq!(mounts_under(&target), vec![target.clone()]);
-    let v =
-        d.c.controller
-            .controller_get_volume(ControllerGetVolumeRequest {
-                volume_id: "csi-0123456789abcdef".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(v.volume.unwrap().capacity_bytes, GIB);
-    d.c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: "csi-0123456789abcdef".into(),
-            target_path: target.to_string_lossy().into(),
-        })
-        .await
-        .unwrap();
+    assert_eq!(reported_capacity(&mut d.c, id).await, GIB);
+    unpublish_ok(&mut d.c, id, &target).await;
     assert!(
-        !d.pool().join("csi-0123456789abcdef").exists(),
+        !d.pool().join(id).exists(),
         "ephemeral volume removed with its last publish"
     );
     assert!(!target.exists());
     // Above the node's cap (serve --max-ephemeral-size, 1Gi by default).
-    context.insert("size".into(), "2Gi".into());
-    let mut bad = req;
-    bad.volume_context = context;
-    assert_eq!(
-        code(&d.c.node.node_publish_volume(bad).await),
-        Code::InvalidArgument
+    let r = d.c.node.node_publish_volume(sized("2Gi")).await;
+    assert_code(
+        &r,
+        Code::InvalidArgument,
+        "an ephemeral volume above the cap",
     );
-    assert!(!d.pool().join("csi-0123456789abcdef").exists());
+    assert!(!d.pool().join(id).exists());
 }
 
 /// The GroupController checks csi-sanity makes.
@@ -1621,99 +1156,59 @@ async fn group_controller_argument_rules() {
             .unwrap()
             .into_inner();
     assert_eq!(caps.capabilities.len(), 1);
-    let r =
-        d.c.group
-            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest::default())
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    let r =
-        d.c.group
-            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument, "no source volumes");
-    let r =
-        d.c.group
-            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest::default())
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    let r =
-        d.c.group
-            .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: "fake-vol-id".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::NotFound);
-    let r =
-        d.c.group
-            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest::default())
-            .await;
-    assert_eq!(code(&r), Code::InvalidArgument);
-    let r =
-        d.c.group
-            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
-                group_snapshot_id: "fake-vol-id".into(),
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::Ok);
-    let r =
-        d.c.group
-            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                source_volume_ids: vec!["missing-vol".into()],
-                ..Default::default()
-            })
-            .await;
-    assert_eq!(code(&r), Code::NotFound);
+    for (what, req, want) in [
+        (
+            "an empty request",
+            group_req("", &[]),
+            Code::InvalidArgument,
+        ),
+        (
+            "no source volumes",
+            group_req("g", &[]),
+            Code::InvalidArgument,
+        ),
+        (
+            "an unknown source volume",
+            group_req("g", &["missing-vol"]),
+            Code::NotFound,
+        ),
+    ] {
+        let r = d.c.group.create_volume_group_snapshot(req).await;
+        assert_code(&r, want, what);
+    }
+    let get = |id: &str| get_group_req(id, vec![]);
+    for (what, req, want) in [
+        ("no id", get(""), Code::InvalidArgument),
+        (
+            "an unknown group snapshot",
+            get("fake-vol-id"),
+            Code::NotFound,
+        ),
+    ] {
+        let r = d.c.group.get_volume_group_snapshot(req).await;
+        assert_code(&r, want, what);
+    }
+    let delete = |id: &str| delete_group_req(id, vec![]);
+    for (what, req, want) in [
+        ("no id", delete(""), Code::InvalidArgument),
+        ("an unknown group snapshot", delete("fake-vol-id"), Code::Ok),
+    ] {
+        let r = d.c.group.delete_volume_group_snapshot(req).await;
+        assert_code(&r, want, what);
+    }
 }
 
 /// csi-sanity's node flow with `--csi.testvolumeaccesstype=block`.
 #[tokio::test]
 async fn node_full_cycle_with_block_access() {
     let mut d = Driver::start().await;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let mut req = exact("pvc-node-block", SIZE);
-    req.volume_capabilities = vec![cap.clone()];
-    let v =
-        d.c.controller
-            .create_volume(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-    let mount_dir = d.path("csi-mount");
-    let staging = d.path("csi-staging");
-    std::fs::create_dir(&mount_dir).unwrap();
-    std::fs::create_dir(&staging).unwrap();
-    let target = mount_dir.join("target");
-    for _ in 0..10 {
-        d.c.node
-            .node_stage_volume(NodeStageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-                volume_capability: Some(cap.clone()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let publish = NodePublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        target_path: target.to_string_lossy().into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        volume_context: v.volume_context.clone(),
-        ..Default::default()
+    let req = CreateVolumeRequest {
+        volume_capabilities: vec![block_rwo()],
+        ..exact("pvc-node-block", SIZE)
     };
-    for _ in 0..10 {
-        d.c.node.node_publish_volume(publish.clone()).await.unwrap();
-    }
+    let v = create_ok(&mut d.c, req).await;
+    let reqs = sanity_node_requests(&d, &v, block_rwo());
+    let (staging, target) = stage_publish_repeatedly(&mut d, &reqs, 10, 10).await;
     assert_eq!(
         mounts_under(&target).len(),
         1,
@@ -1729,14 +1224,7 @@ async fn node_full_cycle_with_block_access() {
     assert_eq!(stats.usage[0].total, SIZE);
     let r =
         d.c.controller
-            .controller_expand_volume(ControllerExpandVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: SIZE + GIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
+            .controller_expand_volume(grow_req(&v.volume_id, SIZE + GIB, None))
             .await
             .unwrap()
             .into_inner();
@@ -1744,23 +1232,12 @@ async fn node_full_cycle_with_block_access() {
     assert!(r.node_expansion_required);
     let r =
         d.c.node
-            .node_expand_volume(NodeExpandVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.to_string_lossy().into(),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: SIZE + GIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
+            .node_expand_volume(node_grow_req(&v.volume_id, &target, SIZE + GIB))
             .await
             .unwrap()
             .into_inner();
     assert_eq!(r.capacity_bytes, SIZE + GIB);
-    d.c.node
-        .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
-        .await
-        .unwrap();
+    unpublish_ok(&mut d.c, &v.volume_id, &target).await;
     assert!(
         !target.exists(),
         "unpublish must remove the file it created"
@@ -1770,10 +1247,7 @@ async fn node_full_cycle_with_block_access() {
         .await
         .unwrap();
     assert!(loops_under(d.pool()).is_empty());
-    d.c.controller
-        .delete_volume(delete_req(&v.volume_id))
-        .await
-        .unwrap();
+    delete_ok(&mut d.c, &v.volume_id).await;
 }
 
 /// csi-sanity's node flow with `--csi.testvolumeparameters` asking for
@@ -1781,45 +1255,13 @@ async fn node_full_cycle_with_block_access() {
 #[tokio::test]
 async fn node_full_cycle_with_image_layout() {
     let mut d = Driver::start().await;
-    let mut req = exact("pvc-node-image", SIZE);
-    req.parameters = params(&[("layout", "image")]);
-    let v =
-        d.c.controller
-            .create_volume(req.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let req = with_params(exact("pvc-node-image", SIZE), &[("layout", "image")]);
+    let v = create_ok(&mut d.c, req.clone()).await;
     assert_eq!(v.capacity_bytes, SIZE);
     // Creating it again returns the same volume.
-    d.c.controller.create_volume(req).await.unwrap();
-    let staging = d.path("csi-staging");
-    let mount_dir = d.path("csi-mount");
-    std::fs::create_dir(&staging).unwrap();
-    std::fs::create_dir(&mount_dir).unwrap();
-    let target = mount_dir.join("target");
-    let stage = NodeStageVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(rwo()),
-        volume_context: v.volume_context.clone(),
-        ..Default::default()
-    };
-    for _ in 0..10 {
-        d.c.node.node_stage_volume(stage.clone()).await.unwrap();
-    }
-    let publish = NodePublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        target_path: target.to_string_lossy().into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(rwo()),
-        volume_context: v.volume_context.clone(),
-        ..Default::default()
-    };
-    for _ in 0..10 {
-        d.c.node.node_publish_volume(publish.clone()).await.unwrap();
-    }
+    create_ok(&mut d.c, req).await;
+    let reqs = sanity_node_requests(&d, &v, rwo());
+    let (staging, target) = stage_publish_repeatedly(&mut d, &reqs, 10, 10).await;
     assert_eq!(mounts_under(&target).len(), 1);
     std::fs::write(target.join("f"), b"inside the image").unwrap();
     let stats =
@@ -1830,26 +1272,11 @@ async fn node_full_cycle_with_image_layout() {
             .into_inner();
     assert!(stats.usage[0].total > SIZE * 9 / 10 && stats.usage[0].total <= SIZE);
     d.c.controller
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: SIZE + GIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
+        .controller_expand_volume(grow_req(&v.volume_id, SIZE + GIB, None))
         .await
         .unwrap();
     d.c.node
-        .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: target.to_string_lossy().into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: SIZE + GIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
+        .node_expand_volume(node_grow_req(&v.volume_id, &target, SIZE + GIB))
         .await
         .unwrap();
     let fs_size = nix::sys::statvfs::statvfs(&target).unwrap();
@@ -1857,10 +1284,7 @@ async fn node_full_cycle_with_image_layout() {
         fs_size.blocks() * fs_size.fragment_size() > SIZE as u64,
         "the filesystem grew online"
     );
-    d.c.node
-        .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
-        .await
-        .unwrap();
+    unpublish_ok(&mut d.c, &v.volume_id, &target).await;
     assert!(!target.exists());
     d.c.node
         .node_unstage_volume(unstage_req(&v.volume_id, &staging))
@@ -1868,8 +1292,5 @@ async fn node_full_cycle_with_image_layout() {
         .unwrap();
     assert!(mounts_under(d.dir.path()).is_empty());
     assert!(loops_under(d.pool()).is_empty());
-    d.c.controller
-        .delete_volume(delete_req(&v.volume_id))
-        .await
-        .unwrap();
+    delete_ok(&mut d.c, &v.volume_id).await;
 }

@@ -15,8 +15,6 @@ use std::time::Duration;
 
 use common::*;
 use hostpath_csi::client::Clients;
-use hostpath_csi::proto::volume_capability::access_mode::Mode;
-use hostpath_csi::proto::volume_content_source::{Type as Src, VolumeSource};
 use hostpath_csi::proto::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -53,17 +51,17 @@ struct Model {
 
 fn cap(kind: Kind) -> VolumeCapability {
     match kind {
-        Kind::Block => block_cap(Mode::SingleNodeWriter),
+        Kind::Block => block_rwo(),
         _ => rwo(),
     }
 }
 
 fn create_request(name: &str, kind: Kind, size: i64) -> CreateVolumeRequest {
-    let mut r = create_req(name, size, cap(kind));
-    if kind == Kind::Image {
-        r.parameters = params(&[("layout", "image")]);
+    match kind {
+        Kind::Dir => dir_volume(name, size),
+        Kind::Block => block_volume(name, size),
+        Kind::Image => image_volume(name, size, ""),
     }
-    r
 }
 
 /// Issues one operation to completion (used for set-up and for retries).
@@ -80,105 +78,52 @@ async fn perform(
             } else {
                 64 * MIB
             };
-            c.controller
-                .create_volume(create_request(name, *kind, size))
-                .await
-                .map(|_| ())
+            let r = create_request(name, *kind, size);
+            c.controller.create_volume(r).await.map(drop)
         }
         Op::Clone(name) => {
-            let mut r = create_request(name, Kind::Block, SOURCE_SIZE);
-            r.volume_content_source = Some(VolumeContentSource {
-                r#type: Some(Src::Volume(VolumeSource {
-                    volume_id: SOURCE.into(),
-                })),
-            });
-            c.controller.create_volume(r).await.map(|_| ())
+            let r = clone_of(create_request(name, Kind::Block, SOURCE_SIZE), SOURCE);
+            c.controller.create_volume(r).await.map(drop)
         }
-        Op::Snapshot(name) => c
-            .controller
-            .create_snapshot(CreateSnapshotRequest {
-                name: name.clone(),
-                source_volume_id: SOURCE.into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
+        Op::Snapshot(name) => {
+            let r = snapshot_req(name, SOURCE);
+            c.controller.create_snapshot(r).await.map(drop)
+        }
         Op::Publish(name) => {
             let (kind, _) = model.volumes[name];
-            let staging = base.join(format!("stage-{name}"));
+            let target = base.join(format!("pub-{name}"));
+            let staging = staging_for(&target);
             std::fs::create_dir_all(&staging).unwrap();
-            c.node
-                .node_stage_volume(NodeStageVolumeRequest {
-                    volume_id: name.clone(),
-                    staging_target_path: staging.to_string_lossy().into(),
-                    volume_capability: Some(cap(kind)),
-                    ..Default::default()
-                })
-                .await?;
-            c.node
-                .node_publish_volume(NodePublishVolumeRequest {
-                    volume_id: name.clone(),
-                    target_path: base.join(format!("pub-{name}")).to_string_lossy().into(),
-                    staging_target_path: staging.to_string_lossy().into(),
-                    volume_capability: Some(cap(kind)),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
+            let stage = stage_req(name, &staging, cap(kind));
+            c.node.node_stage_volume(stage).await?;
+            let publish = publish_req(name, &target, cap(kind));
+            c.node.node_publish_volume(publish).await.map(drop)
         }
         Op::Unpublish(name) => {
+            let target = base.join(format!("pub-{name}"));
             c.node
-                .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                    volume_id: name.clone(),
-                    target_path: base.join(format!("pub-{name}")).to_string_lossy().into(),
-                })
+                .node_unpublish_volume(unpublish_req(name, &target))
                 .await?;
-            c.node
-                .node_unstage_volume(NodeUnstageVolumeRequest {
-                    volume_id: name.clone(),
-                    staging_target_path: base
-                        .join(format!("stage-{name}"))
-                        .to_string_lossy()
-                        .into(),
-                })
-                .await
-                .map(|_| ())
+            let unstage = unstage_req(name, &staging_for(&target));
+            c.node.node_unstage_volume(unstage).await.map(drop)
         }
         Op::Expand(name) => {
             let (_, size) = model.volumes[name];
-            let r = c
-                .controller
-                .controller_expand_volume(ControllerExpandVolumeRequest {
-                    volume_id: name.clone(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: size + 64 * MIB,
-                        limit_bytes: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            if r.node_expansion_required {
+            let r = grow_req(name, size + 64 * MIB, None);
+            let r = c.controller.controller_expand_volume(r).await?;
+            if r.into_inner().node_expansion_required {
                 if let Some(target) = model.published.get(name) {
-                    c.node
-                        .node_expand_volume(NodeExpandVolumeRequest {
-                            volume_id: name.clone(),
-                            volume_path: target.to_string_lossy().into(),
-                            ..Default::default()
-                        })
-                        .await?;
+                    let r = NodeExpandVolumeRequest {
+                        volume_id: name.clone(),
+                        volume_path: s(target),
+                        ..Default::default()
+                    };
+                    c.node.node_expand_volume(r).await?;
                 }
             }
             Ok(())
         }
-        Op::Delete(name) => c
-            .controller
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: name.clone(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
+        Op::Delete(name) => c.controller.delete_volume(delete_req(name)).await.map(drop),
     }
 }
 
@@ -349,10 +294,7 @@ async fn kill9_matrix() {
     let mut d = Driver::start().await;
     let mut model = Model::default();
     let setup = Op::Create(SOURCE.into(), Kind::Block);
-    d.c.controller
-        .create_volume(create_request(SOURCE, Kind::Block, SOURCE_SIZE))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, create_request(SOURCE, Kind::Block, SOURCE_SIZE)).await;
     apply(&mut model, d.dir.path(), &setup);
     model
         .volumes
@@ -516,10 +458,7 @@ async fn check_nothing_half_done(
 #[tokio::test]
 async fn pool_removed_under_a_running_driver() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(create_req("pvc-before", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, dir_volume("pvc-before", GIB)).await;
     let moved = d.path("pool-moved");
     std::fs::rename(d.pool(), &moved).unwrap();
     // Liveness holds (Probe stays ready); the pool refuses work.
@@ -532,9 +471,13 @@ async fn pool_removed_under_a_running_driver() {
     assert_eq!(probe.ready, Some(true));
     let r =
         d.c.controller
-            .create_volume(create_req("pvc-after", GIB, rwo()))
+            .create_volume(dir_volume("pvc-after", GIB))
             .await;
-    assert_eq!(code(&r), tonic::Code::Unavailable, "{r:?}");
+    assert_code(
+        &r,
+        tonic::Code::Unavailable,
+        "a create in a pool that is gone",
+    );
     let r =
         d.c.controller
             .get_capacity(GetCapacityRequest::default())
@@ -557,10 +500,7 @@ async fn pool_removed_under_a_running_driver() {
             .unwrap()
             .into_inner();
     assert_eq!(probe.ready, Some(true));
-    d.c.controller
-        .create_volume(create_req("pvc-after", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, dir_volume("pvc-after", GIB)).await;
     assert!(!d.log().contains("panicked"));
 }
 
@@ -574,19 +514,14 @@ async fn enospc_in_a_tiny_pool_leaves_nothing_behind() {
     let free_before = nix::sys::statvfs::statvfs(&pool)
         .unwrap()
         .blocks_available();
-    let mut r = create_req("pvc-thick", 40 * MIB, block_cap(Mode::SingleNodeWriter));
-    r.parameters = params(&[("preallocation", "true")]);
+    let r = with_params(
+        block_volume("pvc-thick", 40 * MIB),
+        &[("preallocation", "true")],
+    );
     let e = d.c.controller.create_volume(r).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     // A snapshot that cannot fit fails the same way.
-    d.c.controller
-        .create_volume(create_req(
-            "pvc-data",
-            20 * MIB,
-            block_cap(Mode::SingleNodeWriter),
-        ))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, block_volume("pvc-data", 20 * MIB)).await;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(pool.join("pvc-data"))
@@ -596,21 +531,10 @@ async fn enospc_in_a_tiny_pool_leaves_nothing_behind() {
     drop(f);
     let e =
         d.c.controller
-            .create_snapshot(CreateSnapshotRequest {
-                name: "snap-big".into(),
-                source_volume_id: "pvc-data".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+            .create_snapshot(snapshot_req("snap-big", "pvc-data"));
+    let e = e.await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-    d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-data".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    delete_ok(&mut d.c, "pvc-data").await;
     // A deleted volume's tree is removed in the background.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_dir(pool.join(".hostpath-csi/tmp"))
@@ -655,10 +579,7 @@ async fn enospc_in_a_tiny_pool_leaves_nothing_behind() {
 #[tokio::test]
 async fn start_up_rolls_back_creates_cut_off_before_their_flush() {
     let mut d = Driver::start().await;
-    d.c.controller
-        .create_volume(create_req("pvc-whole", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut d.c, dir_volume("pvc-whole", GIB)).await;
     d.kill9();
     let pool = d.pool().to_path_buf();
     std::fs::create_dir(pool.join("pvc-torn")).unwrap();
@@ -673,15 +594,5 @@ async fn start_up_rolls_back_creates_cut_off_before_their_flush() {
     assert!(!pool.join("pvc-torn").exists());
     assert!(!pool.join(".hostpath-csi/volumes/pvc-torn.json").exists());
     assert!(!pool.join(".hostpath-csi/volumes/pvc-ghost.json").exists());
-    let ids: Vec<String> =
-        d.c.controller
-            .list_volumes(ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .entries
-            .into_iter()
-            .map(|e| e.volume.unwrap().volume_id)
-            .collect();
-    assert_eq!(ids, ["pvc-go-driver", "pvc-whole"]);
+    assert_eq!(listed_ids(&mut d.c).await, ["pvc-go-driver", "pvc-whole"]);
 }

@@ -59,14 +59,6 @@ async fn delete_bounded(d: &mut Driver, id: &str) -> Result<(), tonic::Status> {
         .map(|_| ())
 }
 
-#[track_caller]
-fn assert_code(r: &Result<(), tonic::Status>, want: Code, what: &str) {
-    match r {
-        Err(s) if s.code() == want => {}
-        other => panic!("{what}: want {want:?}, got {other:?}"),
-    }
-}
-
 /// A driver whose pool is on its own XFS filesystem (chattr, statvfs).
 async fn driver_on_xfs(size_mib: u64, extra: &[&str]) -> (LoopFs, Driver) {
     let fs = LoopFs::new("xfs", size_mib);
@@ -225,9 +217,7 @@ async fn huge_directory_is_cloned_measured_and_deleted() {
         "the clone is not whole"
     );
     let target = d.path("pods/huge");
-    stage_publish(&mut d.c, "huge", &target, rwo())
-        .await
-        .unwrap();
+    stage_publish(&mut d.c, "huge", &target, rwo()).await;
     let call = d.c.node.node_get_volume_stats(stats_req("huge", &target));
     let stats = bounded("stats of a huge directory", RPC_BOUND, call)
         .await
@@ -242,7 +232,7 @@ async fn huge_directory_is_cloned_measured_and_deleted() {
         inodes.is_some_and(|n| n as usize > HUGE_DIR),
         "inodes used: {inodes:?}"
     );
-    unpublish_unstage(&mut d.c, "huge", &target).await.unwrap();
+    unpublish_unstage(&mut d.c, "huge", &target).await;
     for id in ["huge", "copy"] {
         delete_bounded(&mut d, id).await.unwrap();
     }
@@ -471,7 +461,7 @@ async fn stats_never_count_a_host_tree_swapped_in() {
     for i in 0..STATS_VOLUMES {
         let id = &rig.swap_in(i);
         let target = d.path(&format!("pods/{id}"));
-        stage_publish(&mut d.c, id, &target, rwo()).await.unwrap();
+        stage_publish(&mut d.c, id, &target, rwo()).await;
         let call = d.c.node.node_get_volume_stats(stats_req(id, &target));
         let r = bounded("NodeGetVolumeStats", RPC_BOUND, call)
             .await
@@ -620,7 +610,7 @@ async fn damaged_metadata_case(how: &str) {
         create_ok(&mut d.c, dir_volume(id, GIB)).await;
         fs::write(d.pool().join(id).join("data"), id.as_bytes()).unwrap();
         let target = d.path(&format!("pods/{id}"));
-        stage_publish(&mut d.c, id, &target, rwo()).await.unwrap();
+        stage_publish(&mut d.c, id, &target, rwo()).await;
     }
     damage(&d, how, how);
     check_listing(&mut d, &all).await;
@@ -791,10 +781,7 @@ async fn ephemeral_size_above_the_cap_is_invalid() {
     assert!(listed_ids(&mut d.c).await.is_empty());
     assert_eq!(ephemeral_code(&mut d, "ok", EPHEMERAL_SIZE).await, Code::Ok);
     let target = d.path("pod/ok");
-    d.c.node
-        .node_unpublish_volume(unpublish_req("ok", &target))
-        .await
-        .unwrap();
+    unpublish_ok(&mut d.c, "ok", &target).await;
 }
 
 // ------------------------------------------------------ failed expansion
@@ -812,7 +799,7 @@ async fn failed_expand_leaves_size_and_capacity_unchanged() {
     .await;
     create_ok(
         &mut d.c,
-        with_params(image_volume("img", 320 * MIB), &thick),
+        with_params(image_volume("img", 320 * MIB, ""), &thick),
     )
     .await;
     // Leave ~100 MiB free beside the pool.
@@ -825,7 +812,7 @@ async fn failed_expand_leaves_size_and_capacity_unchanged() {
     for (id, was, to) in [("blk", 128 * MIB, 400 * MIB), ("img", 320 * MIB, 640 * MIB)] {
         let r =
             d.c.controller
-                .controller_expand_volume(grow_req(id, to))
+                .controller_expand_volume(grow_req(id, to, None))
                 .await;
         assert_eq!(code(&r), Code::ResourceExhausted, "expand {id}: {r:?}");
         let len = fs::metadata(d.pool().join(id)).unwrap().len();

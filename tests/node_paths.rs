@@ -9,7 +9,6 @@ use std::fs;
 use std::path::Path;
 
 use common::*;
-use hostpath_csi::proto::volume_capability::access_mode::Mode;
 use hostpath_csi::proto::*;
 use tonic::Code;
 
@@ -17,25 +16,11 @@ use tonic::Code;
 const IMAGE_SIZE: i64 = 320 * MIB;
 
 #[track_caller]
-fn assert_refused(r: &Result<(), tonic::Status>, what: &str) {
+fn assert_refused<T: std::fmt::Debug>(r: &Result<T, tonic::Status>, what: &str) {
     match r {
         Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) => {}
         other => panic!("{what}: want FAILED_PRECONDITION or ALREADY_EXISTS, got {other:?}"),
     }
-}
-
-async fn unpublish(d: &mut Driver, id: &str, target: &Path) -> Result<(), tonic::Status> {
-    d.c.node
-        .node_unpublish_volume(unpublish_req(id, target))
-        .await
-        .map(|_| ())
-}
-
-async fn publish(d: &mut Driver, id: &str, target: &Path) -> Result<(), tonic::Status> {
-    d.c.node
-        .node_publish_volume(publish_req(id, target, rwo()))
-        .await
-        .map(|_| ())
 }
 
 /// A directory with a marker file, to bind-mount somewhere as a foreign mount.
@@ -57,7 +42,7 @@ async fn unpublish_leaves_a_foreign_or_other_volumes_mount_alone() {
     let target = d.path("pods/a");
     fs::create_dir_all(&target).unwrap();
     let _mount = MountGuard::bind(&foreign, &target);
-    unpublish(&mut d, "a", &target).await.unwrap();
+    unpublish_ok(&mut d.c, "a", &target).await;
     assert!(
         is_mount_point(&target),
         "a foreign bind mount was unmounted"
@@ -65,17 +50,15 @@ async fn unpublish_leaves_a_foreign_or_other_volumes_mount_alone() {
     assert_eq!(fs::read(target.join("marker")).unwrap(), b"foreign");
 
     let b_target = d.path("pods/b");
-    stage_publish(&mut d.c, "b", &b_target, rwo())
-        .await
-        .unwrap();
+    stage_publish(&mut d.c, "b", &b_target, rwo()).await;
     fs::write(b_target.join("mine"), b"b's data").unwrap();
-    unpublish(&mut d, "a", &b_target).await.unwrap();
+    unpublish_ok(&mut d.c, "a", &b_target).await;
     assert!(
         is_mount_point(&b_target),
         "b's publication was undone by a's unpublish"
     );
     assert_eq!(fs::read(b_target.join("mine")).unwrap(), b"b's data");
-    unpublish_unstage(&mut d.c, "b", &b_target).await.unwrap();
+    unpublish_unstage(&mut d.c, "b", &b_target).await;
     assert!(!is_mount_point(&b_target));
 }
 
@@ -88,7 +71,8 @@ async fn unpublish_leaves_a_foreign_file_or_directory_alone() {
     let file = d.path("pods/file-target");
     fs::create_dir_all(file.parent().unwrap()).unwrap();
     fs::write(&file, b"someone's file").unwrap();
-    let r = unpublish(&mut d, "a", &file).await;
+    let req = unpublish_req("a", &file);
+    let r = d.c.node.node_unpublish_volume(req).await;
     assert_eq!(
         fs::read(&file).ok().as_deref(),
         Some(&b"someone's file"[..]),
@@ -97,7 +81,8 @@ async fn unpublish_leaves_a_foreign_file_or_directory_alone() {
     r.unwrap();
 
     let dir = foreign_dir(&d, "pods/dir-target");
-    let r = unpublish(&mut d, "a", &dir).await;
+    let req = unpublish_req("a", &dir);
+    let r = d.c.node.node_unpublish_volume(req).await;
     assert_eq!(fs::read(dir.join("marker")).unwrap(), b"pods/dir-target");
     r.unwrap();
 }
@@ -107,12 +92,12 @@ async fn unpublish_leaves_a_foreign_file_or_directory_alone() {
 #[tokio::test]
 async fn unstage_with_the_wrong_volume_id_leaves_the_staged_volume_alone() {
     let mut d = Driver::start().await;
-    create_ok(&mut d.c, image_volume("a", IMAGE_SIZE)).await;
-    create_ok(&mut d.c, image_volume("b", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("a", IMAGE_SIZE, "")).await;
+    create_ok(&mut d.c, image_volume("b", IMAGE_SIZE, "")).await;
     let target = d.path("pods/a");
-    stage_publish(&mut d.c, "a", &target, rwo()).await.unwrap();
+    stage_publish(&mut d.c, "a", &target, rwo()).await;
     fs::write(target.join("vm-disk"), b"running").unwrap();
-    let staging = std::path::PathBuf::from(staging_for(&target));
+    let staging = staging_for(&target);
     let r =
         d.c.node
             .node_unstage_volume(unstage_req("b", &staging))
@@ -125,7 +110,7 @@ async fn unstage_with_the_wrong_volume_id_leaves_the_staged_volume_alone() {
     );
     assert_eq!(fs::read(target.join("vm-disk")).unwrap(), b"running");
     assert_eq!(code(&r), Code::Ok, "{r:?}");
-    unpublish_unstage(&mut d.c, "a", &target).await.unwrap();
+    unpublish_unstage(&mut d.c, "a", &target).await;
     assert!(!is_mount_point(&staging));
 }
 
@@ -137,14 +122,17 @@ async fn publish_onto_an_occupied_target_is_refused() {
     create_ok(&mut d.c, dir_volume("a", GIB)).await;
     create_ok(&mut d.c, dir_volume("b", GIB)).await;
     let target = d.path("pods/shared");
-    stage_publish(&mut d.c, "b", &target, rwo()).await.unwrap();
+    stage_publish(&mut d.c, "b", &target, rwo()).await;
     fs::write(target.join("mine"), b"b's data").unwrap();
-    let staging = std::path::PathBuf::from(staging_for(&target));
+    let staging = staging_for(&target);
     d.c.node
         .node_stage_volume(stage_req("a", &staging, rwo()))
         .await
         .unwrap();
-    let r = publish(&mut d, "a", &target).await;
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("a", &target, rwo()))
+            .await;
     assert_refused(&r, "publish of a onto b's target");
     assert_eq!(mount_count(&target), 1, "a mount was stacked on b's");
     assert_eq!(fs::read(target.join("mine")).unwrap(), b"b's data");
@@ -153,7 +141,10 @@ async fn publish_onto_an_occupied_target_is_refused() {
     let other = d.path("pods/foreign");
     fs::create_dir_all(&other).unwrap();
     let _mount = MountGuard::bind(&foreign, &other);
-    let r = publish(&mut d, "a", &other).await;
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("a", &other, rwo()))
+            .await;
     assert_refused(&r, "publish of a onto a foreign mount");
     assert_eq!(
         mount_count(&other),
@@ -174,15 +165,15 @@ async fn publish_through_a_symlinked_parent_is_idempotent() {
     std::os::unix::fs::symlink(&real, d.path("pods")).unwrap();
     let target = d.path("pods/a");
     let resolved = real.join("a");
-    stage_publish(&mut d.c, "a", &target, rwo()).await.unwrap();
+    stage_publish(&mut d.c, "a", &target, rwo()).await;
     assert_eq!(mount_count(&resolved), 1);
-    publish(&mut d, "a", &target).await.unwrap();
+    publish_ok(&mut d.c, "a", &target, rwo()).await;
     assert_eq!(
         mount_count(&resolved),
         1,
         "the second publish stacked another mount"
     );
-    unpublish_unstage(&mut d.c, "a", &target).await.unwrap();
+    unpublish_unstage(&mut d.c, "a", &target).await;
     assert_eq!(mount_count(&resolved), 0, "unpublish left a mount behind");
 }
 
@@ -195,21 +186,20 @@ async fn block_publish_onto_a_file_with_content_is_refused() {
     let target = d.path("pods/blk");
     fs::create_dir_all(target.parent().unwrap()).unwrap();
     fs::write(&target, b"someone's data").unwrap();
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let staging = std::path::PathBuf::from(staging_for(&target));
+    let cap = block_rwo();
+    let staging = staging_for(&target);
     fs::create_dir_all(&staging).unwrap();
     d.c.node
         .node_stage_volume(stage_req("blk", &staging, cap.clone()))
         .await
         .unwrap();
-    let r =
-        d.c.node
-            .node_publish_volume(publish_req("blk", &target, cap))
-            .await;
+    let req = publish_req("blk", &target, cap);
+    let r = d.c.node.node_publish_volume(req).await;
     let mounted = is_mount_point(&target);
     assert_eq!(code(&r), Code::FailedPrecondition, "{r:?}");
     assert!(!mounted, "the device was mounted over the file");
-    let r = unpublish(&mut d, "blk", &target).await;
+    let req = unpublish_req("blk", &target);
+    let r = d.c.node.node_unpublish_volume(req).await;
     assert_eq!(
         fs::read(&target).ok().as_deref(),
         Some(&b"someone's data"[..]),
@@ -224,54 +214,31 @@ async fn block_publish_onto_a_file_with_content_is_refused() {
 async fn nul_bytes_in_paths_are_invalid_argument() {
     let mut d = Driver::start().await;
     create_ok(&mut d.c, dir_volume("a", GIB)).await;
-    let bad = format!("{}/pods/a\0b", d.dir.path().display());
-    let good = s(&d.path("pods/ok"));
+    let (bad, good) = (d.path("pods/a\0b"), d.path("pods/ok"));
     let n = &mut d.c.node;
+    let publish = |target: &Path, staging: &Path| NodePublishVolumeRequest {
+        staging_target_path: s(staging),
+        ..publish_req("a", target, rwo())
+    };
     let mut codes = Vec::new();
-    let stage = |staging: &str| NodeStageVolumeRequest {
+    let req = stage_req("a", &bad, rwo());
+    codes.push(("stage", code(&n.node_stage_volume(req).await)));
+    let req = publish(&bad, &good);
+    codes.push(("publish target", code(&n.node_publish_volume(req).await)));
+    let req = publish(&good, &bad);
+    codes.push(("publish staging", code(&n.node_publish_volume(req).await)));
+    let req = unpublish_req("a", &bad);
+    codes.push(("unpublish", code(&n.node_unpublish_volume(req).await)));
+    let req = unstage_req("a", &bad);
+    codes.push(("unstage", code(&n.node_unstage_volume(req).await)));
+    let req = stats_req("a", &bad);
+    codes.push(("stats", code(&n.node_get_volume_stats(req).await)));
+    let req = NodeExpandVolumeRequest {
         volume_id: "a".into(),
-        staging_target_path: staging.into(),
-        volume_capability: Some(rwo()),
+        volume_path: s(&bad),
         ..Default::default()
     };
-    codes.push(("stage", code(&n.node_stage_volume(stage(&bad)).await)));
-    let publish = |target: &str, staging: &str| NodePublishVolumeRequest {
-        volume_id: "a".into(),
-        target_path: target.into(),
-        staging_target_path: staging.into(),
-        volume_capability: Some(rwo()),
-        ..Default::default()
-    };
-    let r = n.node_publish_volume(publish(&bad, &good)).await;
-    codes.push(("publish target", code(&r)));
-    let r = n.node_publish_volume(publish(&good, &bad)).await;
-    codes.push(("publish staging", code(&r)));
-    let r = n
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: "a".into(),
-            target_path: bad.clone(),
-        })
-        .await;
-    codes.push(("unpublish", code(&r)));
-    let r = n
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: "a".into(),
-            staging_target_path: bad.clone(),
-        })
-        .await;
-    codes.push(("unstage", code(&r)));
-    let stats = NodeGetVolumeStatsRequest {
-        volume_id: "a".into(),
-        volume_path: bad.clone(),
-        ..Default::default()
-    };
-    codes.push(("stats", code(&n.node_get_volume_stats(stats).await)));
-    let expand = NodeExpandVolumeRequest {
-        volume_id: "a".into(),
-        volume_path: bad.clone(),
-        ..Default::default()
-    };
-    codes.push(("expand", code(&n.node_expand_volume(expand).await)));
+    codes.push(("expand", code(&n.node_expand_volume(req).await)));
     let wrong: Vec<_> = codes
         .iter()
         .filter(|(_, c)| *c != Code::InvalidArgument)

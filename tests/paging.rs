@@ -174,7 +174,7 @@ async fn tokens_survive_adds_and_deletes_and_bogus_tokens_are_aborted() {
     let mut gone = vec![first.last().unwrap().clone()];
     gone.extend((PAGE as usize..PAGE as usize + 10).map(long_name));
     for id in &gone {
-        d.c.controller.delete_volume(delete_req(id)).await.unwrap();
+        delete_ok(&mut d.c, id).await;
     }
     for name in [
         "aaa-added-before",
@@ -219,11 +219,7 @@ async fn snap_page(
     max: i32,
     token: &str,
 ) -> Result<ListSnapshotsResponse, tonic::Status> {
-    let req = ListSnapshotsRequest {
-        max_entries: max,
-        starting_token: token.into(),
-        ..Default::default()
-    };
+    let req = list_snapshots_req("", "", max, token);
     bounded(
         "ListSnapshots",
         LIST_BOUND,

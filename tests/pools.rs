@@ -31,12 +31,12 @@ async fn pvc_template_pool_waits_for_its_mount() {
         Some(true),
         "a pool without its mount must not fail the liveness probe"
     );
-    let mut r = create_req("pvc-early", 64 * MIB, rwo());
-    r.parameters = params(&[("storagePool", "template")]);
-    assert_eq!(
-        code(&d.c.controller.create_volume(r.clone()).await),
-        Code::Unavailable
+    let r = with_params(
+        dir_volume("pvc-early", 64 * MIB),
+        &[("storagePool", "template")],
     );
+    let early = d.c.controller.create_volume(r.clone()).await;
+    assert_code(&early, Code::Unavailable, "a create before the mount");
     let cap = GetCapacityRequest {
         parameters: params(&[("storagePool", "template")]),
         ..Default::default()
@@ -75,17 +75,11 @@ async fn pvc_template_pool_waits_for_its_mount() {
             .unwrap()
             .into_inner();
     assert_eq!(probe.ready, Some(true));
-    d.c.controller.create_volume(r).await.unwrap();
+    create_ok(&mut d.c, r).await;
     assert!(
         fs.mount_point.join("pvc-early").is_dir(),
         "the volume lands on the mounted filesystem"
     );
-    d.c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-early".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    delete_ok(&mut d.c, "pvc-early").await;
     drop(d);
 }

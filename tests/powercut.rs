@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +16,6 @@ use std::time::Duration;
 
 use common::*;
 use hostpath_csi::client::Clients;
-use hostpath_csi::proto::*;
 
 /// Volumes expanded concurrently when the power is cut mid-storm.
 const STORM_EXPANDS: usize = 24;
@@ -76,35 +74,23 @@ impl Rig {
     }
 }
 
-fn allocated(path: &Path) -> u64 {
-    fs::metadata(path).unwrap().blocks() * 512
-}
-
-fn modify_req(id: &str, pairs: &[(&str, &str)]) -> ControllerModifyVolumeRequest {
-    ControllerModifyVolumeRequest {
-        volume_id: id.into(),
-        mutable_parameters: params(pairs),
-        ..Default::default()
-    }
-}
-
 /// Expand and modify acknowledged just before the cut are all there.
 #[tokio::test]
 async fn acknowledged_expand_and_modify_survive_a_power_cut() {
     let mut rig = Rig::new().await;
     let c = &mut rig.d.c.clone();
     create_ok(c, block_volume("blk", 64 * MIB)).await;
-    create_ok(c, image_volume("img", 320 * MIB)).await;
+    create_ok(c, image_volume("img", 320 * MIB, "")).await;
     create_ok(c, block_volume("thin", 64 * MIB)).await;
     write_pattern(&rig.d.pool().join("blk"), HEAD, 7);
     let want = pattern_digest(7);
     let c = &mut rig.d.c.clone();
     c.controller
-        .controller_expand_volume(grow_req("blk", 128 * MIB))
+        .controller_expand_volume(grow_req("blk", 128 * MIB, None))
         .await
         .unwrap();
     c.controller
-        .controller_expand_volume(grow_req("img", 400 * MIB))
+        .controller_expand_volume(grow_req("img", 400 * MIB, None))
         .await
         .unwrap();
     let thick = modify_req("thin", &[("preallocation", "true")]);
@@ -143,13 +129,7 @@ async fn acknowledged_snapshots_on_a_separate_filesystem_survive_a_power_cut() {
     let tree_before = fingerprint_rel(&rig.file("tree"));
     snapshot_ok(&mut rig.d.c, "s-blk", "blk").await;
     snapshot_ok(&mut rig.d.c, "s-tree", "tree").await;
-    let group = CreateVolumeGroupSnapshotRequest {
-        name: "g".into(),
-        source_volume_ids: vec!["blk".into(), "tree".into()],
-        ..Default::default()
-    };
-    let g = rig.d.c.group.create_volume_group_snapshot(group).await;
-    let g = g.unwrap().into_inner().group_snapshot.unwrap();
+    let g = group_ok(&mut rig.d.c, "g", &["blk", "tree"]).await;
     let members: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     rig.power_cut().await;
 
@@ -160,11 +140,7 @@ async fn acknowledged_snapshots_on_a_separate_filesystem_survive_a_power_cut() {
     want.extend(members.iter().cloned());
     want.sort();
     assert_eq!(snaps, want, "snapshots after the cut");
-    let get = GetVolumeGroupSnapshotRequest {
-        group_snapshot_id: g.group_snapshot_id.clone(),
-        snapshot_ids: members,
-        ..Default::default()
-    };
+    let get = get_group_req(&g.group_snapshot_id, members);
     let r = c.group.get_volume_group_snapshot(get).await;
     assert!(r.is_ok(), "the acknowledged group snapshot is gone: {r:?}");
     create_ok(c, restore_of(block_volume("r-blk", 64 * MIB), "s-blk")).await;
@@ -186,7 +162,7 @@ async fn acknowledged_creates_survive_a_power_cut() {
     create_ok(c, dir_volume("dir", GIB)).await;
     create_ok(c, block_volume("sparse", 64 * MIB)).await;
     create_ok(c, with_params(block_volume("thick", 64 * MIB), &thick)).await;
-    create_ok(c, image_volume("img", 320 * MIB)).await;
+    create_ok(c, image_volume("img", 320 * MIB, "")).await;
     create_ok(c, clone_of(block_volume("clone", 64 * MIB), "src")).await;
     create_ok(c, restore_of(block_volume("restored", 64 * MIB), "snap")).await;
     rig.power_cut().await;
@@ -281,7 +257,7 @@ fn start_storm(
         tasks.push(tokio::spawn(async move {
             let r = c
                 .controller
-                .controller_expand_volume(grow_req(&format!("e{i}"), size))
+                .controller_expand_volume(grow_req(&format!("e{i}"), size, None))
                 .await;
             record(format!("expand e{i}"), &out, &cut, r.is_ok());
         }));

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -132,21 +132,6 @@ async fn delete_until_gone(c: &mut Clients, id: &str) {
     panic!("{id} could not be deleted");
 }
 
-fn publish_with(
-    id: &str,
-    target: &Path,
-    staging: &Path,
-    cap: VolumeCapability,
-) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: s(target),
-        staging_target_path: s(staging),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
 /// Checks a copy that was acknowledged: it must hold every file.
 fn whole_or_missing(dir: &Path, what: &str, bad: &mut Vec<String>, tally: &mut Tally) {
     let files = count_entries(dir);
@@ -260,16 +245,14 @@ async fn publish_racing_delete_never_both_succeed() {
         create_ok(&mut d.c, dir_volume(&id, GIB)).await;
         fs::write(d.pool().join(&id).join("data"), b"tenant").unwrap();
         let target = d.path(&format!("pods/{i}"));
-        let staging = d.path(&format!("staging/{i}"));
+        let staging = staging_for(&target);
         fs::create_dir_all(&staging).unwrap();
         d.c.node
             .node_stage_volume(stage_req(&id, &staging, rwo()))
             .await
             .unwrap();
         let (mut a, mut b) = (d.c.clone(), d.c.clone());
-        let publish = a
-            .node
-            .node_publish_volume(publish_with(&id, &target, &staging, rwo()));
+        let publish = a.node.node_publish_volume(publish_req(&id, &target, rwo()));
         let delete = b.controller.delete_volume(delete_req(&id));
         let (rp, rd) = race(i, publish, delete).await;
         tally.add(format!("publish {:?} / delete {:?}", code(&rp), code(&rd)));
@@ -313,13 +296,14 @@ async fn single_writer_publishes_racing_exactly_one_wins() {
             d.path(&format!("pods/{i}-a")),
             d.path(&format!("pods/{i}-b")),
         ];
+        // Both targets name the one staging path.
+        let publish_at = |target: &Path| NodePublishVolumeRequest {
+            staging_target_path: s(&staging),
+            ..publish_req(&id, target, cap.clone())
+        };
         let (mut a, mut b) = (d.c.clone(), d.c.clone());
-        let first =
-            a.node
-                .node_publish_volume(publish_with(&id, &targets[0], &staging, cap.clone()));
-        let second =
-            b.node
-                .node_publish_volume(publish_with(&id, &targets[1], &staging, cap.clone()));
+        let first = a.node.node_publish_volume(publish_at(&targets[0]));
+        let second = b.node.node_publish_volume(publish_at(&targets[1]));
         let (r1, r2) = race(i, first, second).await;
         let codes = [code(&r1), code(&r2)];
         tally.add(format!("{codes:?}"));
@@ -344,25 +328,16 @@ async fn single_writer_publishes_racing_exactly_one_wins() {
 
 // ------------------------------------------------- no node-wide lock
 
-/// Stages and publishes an image volume; returns (staging, target).
-async fn mount_image(d: &mut Driver, id: &str) -> (PathBuf, PathBuf) {
-    let target = d.path(&format!("pods/{id}"));
-    stage_publish(&mut d.c, id, &target, rwo())
-        .await
-        .unwrap_or_else(|s| panic!("publish {id}: {s:?}"));
-    (PathBuf::from(staging_for(&target)), target)
-}
-
 /// One image volume's filesystem frozen, with a NodeExpandVolume stuck on
 /// it: a Block publish of another volume still completes meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_publish_completes_while_another_volume_is_frozen() {
     let mut d = Driver::start().await;
-    create_ok(&mut d.c, image_volume("frozen", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("frozen", IMAGE_SIZE, "")).await;
     create_ok(&mut d.c, block_volume("other", 64 * MIB)).await;
-    let (staging, target) = mount_image(&mut d, "frozen").await;
+    let (staging, target) = mount_rwo(&mut d, "frozen").await;
     d.c.controller
-        .controller_expand_volume(grow_req("frozen", IMAGE_SIZE + 64 * MIB))
+        .controller_expand_volume(grow_req("frozen", IMAGE_SIZE + 64 * MIB, None))
         .await
         .unwrap();
     // Declared after the driver: thawed before the driver is torn down.
@@ -379,12 +354,12 @@ async fn block_publish_completes_while_another_volume_is_frozen() {
     // Time for the expansion to reach the frozen filesystem; not asserted.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let other = d.path("pods/other");
-    let publish = stage_publish(&mut d.c, "other", &other, block_cap(Mode::SingleNodeWriter));
-    match tokio::time::timeout(Duration::from_secs(20), publish).await {
-        Ok(r) => r.unwrap_or_else(|s| panic!("publish of the other volume: {s:?}")),
-        Err(_) => {
-            panic!("a Block publish of another volume waited behind the frozen volume's expansion")
-        }
+    let publish = stage_publish(&mut d.c, "other", &other, block_rwo());
+    if tokio::time::timeout(Duration::from_secs(20), publish)
+        .await
+        .is_err()
+    {
+        panic!("a Block publish of another volume waited behind the frozen volume's expansion")
     }
     if expand.is_finished() {
         eprintln!("note: the expansion of the frozen volume returned before the thaw");
@@ -395,7 +370,7 @@ async fn block_publish_completes_while_another_volume_is_frozen() {
         .unwrap();
     eprintln!("NodeExpandVolume of the frozen volume: {:?}", code(&r));
     drop(freeze);
-    unpublish_unstage(&mut d.c, "other", &other).await.unwrap();
+    unpublish_unstage(&mut d.c, "other", &other).await;
 }
 
 /// Writes and fsyncs a file under `dir` on a thread; true when it finished
@@ -423,16 +398,12 @@ async fn can_write(dir: &Path) -> bool {
 async fn group_snapshot_on_ext4_with_a_mounted_image_member_is_refused() {
     let fs = LoopFs::new("ext4", 1536);
     let mut d = Driver::start_with(&[("p", Some(fs.mount_point.join("pool")))]).await;
-    create_ok(&mut d.c, image_volume("vm-root", IMAGE_SIZE)).await;
+    create_ok(&mut d.c, image_volume("vm-root", IMAGE_SIZE, "")).await;
     create_ok(&mut d.c, block_volume("vm-data", 256 * MIB)).await;
     write_pattern(&d.pool().join("vm-data"), 64 << 20, 1);
-    let (staging, target) = mount_image(&mut d, "vm-root").await;
+    let (staging, target) = mount_rwo(&mut d, "vm-root").await;
     let _thaw = FreezeGuard::thaw_on_drop(&staging);
-    let req = CreateVolumeGroupSnapshotRequest {
-        name: "g".into(),
-        source_volume_ids: vec!["vm-root".into(), "vm-data".into()],
-        ..Default::default()
-    };
+    let req = group_req("g", &["vm-root", "vm-data"]);
     let r = bounded(
         "CreateVolumeGroupSnapshot",
         RPC_BOUND,
@@ -446,9 +417,7 @@ async fn group_snapshot_on_ext4_with_a_mounted_image_member_is_refused() {
         listed_snapshot_ids(&mut d.c).await.is_empty(),
         "member snapshots were kept"
     );
-    unpublish_unstage(&mut d.c, "vm-root", &target)
-        .await
-        .unwrap();
+    unpublish_unstage(&mut d.c, "vm-root", &target).await;
 }
 
 // ----------------------------------------------- control RPCs never starve
@@ -505,9 +474,7 @@ async fn control_rpcs_answer_during_a_stats_and_clone_storm() {
     create_ok(&mut d.c, dir_volume("big", GIB)).await;
     make_files(&d.pool().join("big"), STORM_FILES);
     let target = d.path("pods/big");
-    stage_publish(&mut d.c, "big", &target, rwo())
-        .await
-        .unwrap();
+    stage_publish(&mut d.c, "big", &target, rwo()).await;
     create_ok(&mut d.c, block_volume("src", STORM_CLONE_BYTES as i64)).await;
     write_pattern(&d.pool().join("src"), STORM_CLONE_BYTES, 4);
     let mut storm = Vec::new();
@@ -536,10 +503,10 @@ async fn control_rpcs_answer_during_a_stats_and_clone_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_rpcs_answer_while_calls_pile_up_on_a_frozen_volume() {
     let mut d = Driver::start().await;
-    create_ok(&mut d.c, image_volume("stuck", IMAGE_SIZE)).await;
-    let (staging, target) = mount_image(&mut d, "stuck").await;
+    create_ok(&mut d.c, image_volume("stuck", IMAGE_SIZE, "")).await;
+    let (staging, target) = mount_rwo(&mut d, "stuck").await;
     d.c.controller
-        .controller_expand_volume(grow_req("stuck", IMAGE_SIZE + 64 * MIB))
+        .controller_expand_volume(grow_req("stuck", IMAGE_SIZE + 64 * MIB, None))
         .await
         .unwrap();
     let freeze = FreezeGuard::freeze(&staging);

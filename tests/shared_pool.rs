@@ -20,8 +20,8 @@ async fn shared_pool_volumes_have_no_topology_and_accept_multi_node_modes() {
     ])
     .to_string();
     let mut d = Driver::start_with_datadir(&json).await;
-    let mut r = create_req("pvc-rwx", GIB, mount_cap(Mode::MultiNodeMultiWriter));
-    r.parameters = params(&[("storagePool", "nfs")]);
+    let rwx = |name: &str| create_req(name, GIB, mount_cap(Mode::MultiNodeMultiWriter));
+    let mut r = with_params(rwx("pvc-rwx"), &[("storagePool", "nfs")]);
     // Requirements naming other nodes do not matter for shared storage.
     r.accessibility_requirements = Some(TopologyRequirement {
         requisite: vec![Topology {
@@ -29,14 +29,7 @@ async fn shared_pool_volumes_have_no_topology_and_accept_multi_node_modes() {
         }],
         preferred: vec![],
     });
-    let v =
-        d.c.controller
-            .create_volume(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let v = create_ok(&mut d.c, r).await;
     assert!(v.accessible_topology.is_empty());
     assert!(pools.path().join("nfs/pvc-rwx").is_dir());
     let ok =
@@ -51,10 +44,11 @@ async fn shared_pool_volumes_have_no_topology_and_accept_multi_node_modes() {
             .into_inner();
     assert!(ok.confirmed.is_some());
     // The default (node-local) pool still refuses them.
-    let r = create_req("pvc-local-rwx", GIB, mount_cap(Mode::MultiNodeMultiWriter));
-    assert_eq!(
-        code(&d.c.controller.create_volume(r).await),
-        Code::InvalidArgument
+    let r = d.c.controller.create_volume(rwx("pvc-local-rwx")).await;
+    assert_code(
+        &r,
+        Code::InvalidArgument,
+        "a multi-node mode in a node-local pool",
     );
     drop(d);
 }

@@ -222,41 +222,12 @@ async fn node_only_expansion_hides_controller_expansion() {
         .collect();
     assert!(!types.contains(&(Cap::ExpandVolume as i32)));
     assert!(types.contains(&(Cap::CreateDeleteVolume as i32)));
-    c.controller
-        .create_volume(create_req("pvc-grow", GIB, rwo()))
-        .await
-        .unwrap();
+    create_ok(&mut c, dir_volume("pvc-grow", GIB)).await;
     let target = dir.path().join("t");
-    c.node
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: "pvc-grow".into(),
-            target_path: target.to_string_lossy().into(),
-            staging_target_path: format!("{}.staging", target.display()),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    publish_ok(&mut c, "pvc-grow", &target, rwo()).await;
     let r = c
         .node
-        .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: "pvc-grow".into(),
-            volume_path: target.to_string_lossy().into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 2 * GIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.capacity_bytes, 2 * GIB);
-    c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: "pvc-grow".into(),
-            target_path: target.to_string_lossy().into(),
-        })
-        .await
-        .unwrap();
+        .node_expand_volume(node_grow_req("pvc-grow", &target, 2 * GIB));
+    assert_eq!(r.await.unwrap().into_inner().capacity_bytes, 2 * GIB);
+    unpublish_ok(&mut c, "pvc-grow", &target).await;
 }

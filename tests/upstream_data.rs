@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use hostpath_csi::proto::volume_content_source::{SnapshotSource, Type as Src};
 use hostpath_csi::proto::*;
 use tonic::Code;
 
@@ -27,16 +26,7 @@ async fn go_driver_snapshots_are_listed_and_restorable_and_never_volumes() {
     ])
     .to_string();
     let mut d = Driver::start_with_datadir(&json).await;
-    let listed: Vec<String> =
-        d.c.controller
-            .list_volumes(ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .entries
-            .into_iter()
-            .map(|e| e.volume.unwrap().volume_id)
-            .collect();
+    let listed = listed_ids(&mut d.c).await;
     assert!(
         listed.is_empty(),
         "the snapshot directory was listed as a volume: {listed:?}"
@@ -55,35 +45,28 @@ async fn go_driver_snapshots_are_listed_and_restorable_and_never_volumes() {
         ("snap-go", "pvc-src")
     );
     assert!(s.ready_to_use);
-    let mut r = create_req("pvc-restored", GIB, rwo());
-    r.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Src::Snapshot(SnapshotSource {
-            snapshot_id: "snap-go".into(),
-        })),
-    });
-    d.c.controller.create_volume(r).await.unwrap();
+    create_ok(
+        &mut d.c,
+        restore_of(dir_volume("pvc-restored", GIB), "snap-go"),
+    )
+    .await;
     assert_eq!(
         std::fs::read(pool.join("pvc-restored/sub/disk.img")).unwrap(),
         b"vm disk"
     );
     // Deleting "snapshots" as if it were a volume touches nothing.
     let r = d.c.controller.delete_volume(delete_req("snapshots")).await;
-    assert_eq!(code(&r), Code::Ok);
+    assert_code(&r, Code::Ok, "a delete of the snapshot directory");
     assert!(snapshots.join("snap-go/data/sub/disk.img").exists());
+    let get = ControllerGetVolumeRequest {
+        volume_id: "snapshots".into(),
+    };
+    let r = d.c.controller.controller_get_volume(get).await;
+    assert_code(&r, Code::NotFound, "the snapshot directory as a volume");
+    // The Go driver's snapshot is deleted like ours.
     let r =
         d.c.controller
-            .controller_get_volume(ControllerGetVolumeRequest {
-                volume_id: "snapshots".into(),
-            })
-            .await;
-    assert_eq!(code(&r), Code::NotFound);
-    // The Go driver's snapshot is deleted like ours.
-    d.c.controller
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: "snap-go".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+            .delete_snapshot(delete_snapshot_req("snap-go"));
+    r.await.unwrap();
     assert!(!snapshots.join("snap-go").exists());
 }

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hostpath_csi::client::Clients;
+use hostpath_csi::client::{capability, Clients};
 use hostpath_csi::proto::volume_capability::access_mode::Mode;
-use hostpath_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use hostpath_csi::proto::*;
 use tempfile::TempDir;
 
@@ -19,34 +18,35 @@ pub const GIB: i64 = 1 << 30;
 pub const MIB: i64 = 1 << 20;
 pub const NODE: &str = "test-node";
 
+// Capabilities, all through the library's one builder.
+
 pub fn mount_cap(mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-    }
+    capability(mode, false, "", &[])
 }
 
+/// A single-writer Filesystem capability asking for `fs_type` ("" = the volume's own).
 pub fn mount_cap_fs(fs_type: &str) -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: fs_type.into(),
-            ..Default::default()
-        })),
-    }
+    capability(Mode::SingleNodeWriter, false, fs_type, &[])
+}
+
+/// A single-writer Filesystem capability with mount flags.
+pub fn mount_cap_flags(flags: &[&str]) -> VolumeCapability {
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    capability(Mode::SingleNodeWriter, false, "", &flags)
 }
 
 pub fn block_cap(mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
-    }
+    capability(mode, true, "", &[])
 }
 
+/// Single-node writer, Filesystem.
 pub fn rwo() -> VolumeCapability {
     mount_cap(Mode::SingleNodeWriter)
+}
+
+/// Single-node writer, Block.
+pub fn block_rwo() -> VolumeCapability {
+    block_cap(Mode::SingleNodeWriter)
 }
 
 pub fn create_req(name: &str, required: i64, cap: VolumeCapability) -> CreateVolumeRequest {
@@ -524,11 +524,21 @@ async fn wait_connect(socket: &Path, child: &mut Child, dir: &Path) -> Clients {
 }
 
 /// The gRPC code of a result.
-pub fn code<T>(r: &Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+pub fn code<T>(r: &Result<T, tonic::Status>) -> tonic::Code {
     match r {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
     }
+}
+
+/// Asserts a result's gRPC code, naming the case and showing the result.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(
+    r: &Result<T, tonic::Status>,
+    want: tonic::Code,
+    what: &str,
+) {
+    assert_eq!(code(r), want, "{what}: {r:?}");
 }
 
 /// Every path below `root`, to prove nothing was created outside a pool.
@@ -550,14 +560,14 @@ pub fn tree(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A path as the string a CSI request carries.
 /// A staging path to go with a publish target. Directory and Block volumes
 /// need no staged mount, but the driver has STAGE_UNSTAGE_VOLUME, so a CO
 /// always names one.
-pub fn staging_for(target: &Path) -> String {
-    format!("{}.staging", target.display())
+pub fn staging_for(target: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.staging", target.display()))
 }
 
+/// A path as the string a CSI request carries.
 pub fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -598,9 +608,21 @@ pub fn publish_req(id: &str, target: &Path, cap: VolumeCapability) -> NodePublis
     NodePublishVolumeRequest {
         volume_id: id.into(),
         target_path: s(target),
-        staging_target_path: staging_for(target),
+        staging_target_path: s(&staging_for(target)),
         volume_capability: Some(cap),
         ..Default::default()
+    }
+}
+
+/// A publish that names no staging path (as a CO without STAGE_UNSTAGE would).
+pub fn unstaged_publish_req(
+    id: &str,
+    target: &Path,
+    cap: VolumeCapability,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        staging_target_path: String::new(),
+        ..publish_req(id, target, cap)
     }
 }
 
@@ -992,38 +1014,48 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Stages (creating the staging directory) and publishes, as kubelet does.
-pub async fn stage_publish(
-    c: &mut Clients,
-    id: &str,
-    target: &Path,
-    cap: VolumeCapability,
-) -> Result<(), tonic::Status> {
-    let staging = PathBuf::from(staging_for(target));
+/// Stages (creating the staging directory, as kubelet does) and
+/// publishes; both must succeed.
+pub async fn stage_publish(c: &mut Clients, id: &str, target: &Path, cap: VolumeCapability) {
+    let staging = staging_for(target);
     std::fs::create_dir_all(&staging).unwrap();
-    c.node
-        .node_stage_volume(stage_req(id, &staging, cap.clone()))
-        .await?;
-    c.node
-        .node_publish_volume(publish_req(id, target, cap))
-        .await?;
-    Ok(())
+    let r = c
+        .node
+        .node_stage_volume(stage_req(id, &staging, cap.clone()));
+    r.await
+        .unwrap_or_else(|s| panic!("NodeStageVolume {id} at {}: {s:?}", staging.display()));
+    publish_ok(c, id, target, cap).await;
 }
 
-/// Unpublishes and unstages what `stage_publish` did.
-pub async fn unpublish_unstage(
-    c: &mut Clients,
-    id: &str,
-    target: &Path,
-) -> Result<(), tonic::Status> {
-    c.node
-        .node_unpublish_volume(unpublish_req(id, target))
-        .await?;
-    let staging = PathBuf::from(staging_for(target));
-    c.node
-        .node_unstage_volume(unstage_req(id, &staging))
-        .await?;
-    Ok(())
+/// NodePublishVolume (with the paired staging path) that must succeed.
+pub async fn publish_ok(c: &mut Clients, id: &str, target: &Path, cap: VolumeCapability) {
+    let r = c.node.node_publish_volume(publish_req(id, target, cap));
+    r.await
+        .unwrap_or_else(|s| panic!("NodePublishVolume {id} at {}: {s:?}", target.display()));
+}
+
+/// NodeUnpublishVolume that must succeed.
+pub async fn unpublish_ok(c: &mut Clients, id: &str, target: &Path) {
+    let r = c.node.node_unpublish_volume(unpublish_req(id, target));
+    r.await
+        .unwrap_or_else(|s| panic!("NodeUnpublishVolume {id} at {}: {s:?}", target.display()));
+}
+
+/// Stages and publishes `id` as a single-writer Filesystem volume at
+/// `pods/<id>`; returns (staging, target).
+pub async fn mount_rwo(d: &mut Driver, id: &str) -> (PathBuf, PathBuf) {
+    let target = d.path(&format!("pods/{id}"));
+    stage_publish(&mut d.c, id, &target, rwo()).await;
+    (staging_for(&target), target)
+}
+
+/// Unpublishes and unstages what `stage_publish` did; both must succeed.
+pub async fn unpublish_unstage(c: &mut Clients, id: &str, target: &Path) {
+    unpublish_ok(c, id, target).await;
+    let staging = staging_for(target);
+    let r = c.node.node_unstage_volume(unstage_req(id, &staging));
+    r.await
+        .unwrap_or_else(|s| panic!("NodeUnstageVolume {id} at {}: {s:?}", staging.display()));
 }
 
 /// Runs an RPC future with a bound: a hang is a failure, not a stuck test.
@@ -1046,9 +1078,13 @@ pub fn block_volume(name: &str, size: i64) -> CreateVolumeRequest {
     create_req(name, size, block_cap(Mode::SingleNodeWriter))
 }
 
-/// A `layout: image` (loop-mounted XFS) Filesystem volume request.
-pub fn image_volume(name: &str, size: i64) -> CreateVolumeRequest {
-    with_params(create_req(name, size, rwo()), &[("layout", "image")])
+/// A `layout: image` Filesystem volume request, its filesystem asked by
+/// the capability's `fs_type` ("" = the driver's default, XFS).
+pub fn image_volume(name: &str, size: i64, fs_type: &str) -> CreateVolumeRequest {
+    with_params(
+        create_req(name, size, mount_cap_fs(fs_type)),
+        &[("layout", "image")],
+    )
 }
 
 /// Adds StorageClass parameters to a create request.
@@ -1094,14 +1130,81 @@ pub fn delete_snapshot_req(id: &str) -> DeleteSnapshotRequest {
     }
 }
 
-/// ControllerExpandVolume to `size` bytes.
-pub fn grow_req(id: &str, size: i64) -> ControllerExpandVolumeRequest {
+/// A capacity range of at least `size` bytes, no limit.
+pub fn at_least(size: i64) -> Option<CapacityRange> {
+    Some(CapacityRange {
+        required_bytes: size,
+        limit_bytes: 0,
+    })
+}
+
+/// CreateVolumeGroupSnapshot of these volumes.
+pub fn group_req(name: &str, ids: &[&str]) -> CreateVolumeGroupSnapshotRequest {
+    CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.iter().map(|i| i.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// GetVolumeGroupSnapshot, naming its members if `members` is not empty.
+pub fn get_group_req(id: &str, members: Vec<String>) -> GetVolumeGroupSnapshotRequest {
+    GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    }
+}
+
+/// DeleteVolumeGroupSnapshot, naming its members if `members` is not empty.
+pub fn delete_group_req(id: &str, members: Vec<String>) -> DeleteVolumeGroupSnapshotRequest {
+    DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: members,
+        ..Default::default()
+    }
+}
+
+/// ControllerExpandVolume to `size` bytes, with the capability if given.
+pub fn grow_req(
+    id: &str,
+    size: i64,
+    cap: Option<VolumeCapability>,
+) -> ControllerExpandVolumeRequest {
     ControllerExpandVolumeRequest {
         volume_id: id.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
+        capacity_range: at_least(size),
+        volume_capability: cap,
+        ..Default::default()
+    }
+}
+
+/// NodeExpandVolume at `path` to `size` bytes.
+pub fn node_grow_req(id: &str, path: &Path, size: i64) -> NodeExpandVolumeRequest {
+    NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: s(path),
+        capacity_range: at_least(size),
+        ..Default::default()
+    }
+}
+
+/// ControllerModifyVolume with these mutable parameters.
+pub fn modify_req(id: &str, pairs: &[(&str, &str)]) -> ControllerModifyVolumeRequest {
+    ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: params(pairs),
+        ..Default::default()
+    }
+}
+
+/// ListSnapshots filtered by snapshot and source ("" = any), paged.
+pub fn list_snapshots_req(id: &str, source: &str, max: i32, token: &str) -> ListSnapshotsRequest {
+    ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        source_volume_id: source.into(),
+        max_entries: max,
+        starting_token: token.into(),
         ..Default::default()
     }
 }
@@ -1115,6 +1218,13 @@ pub async fn create_ok(c: &mut Clients, r: CreateVolumeRequest) -> Volume {
     }
 }
 
+/// DeleteVolume that must succeed.
+pub async fn delete_ok(c: &mut Clients, id: &str) {
+    if let Err(s) = c.controller.delete_volume(delete_req(id)).await {
+        panic!("DeleteVolume {id}: {s:?}");
+    }
+}
+
 /// CreateSnapshot that must succeed.
 pub async fn snapshot_ok(c: &mut Clients, name: &str, source: &str) -> Snapshot {
     match c
@@ -1125,6 +1235,27 @@ pub async fn snapshot_ok(c: &mut Clients, name: &str, source: &str) -> Snapshot 
         Ok(r) => r.into_inner().snapshot.expect("a snapshot in the response"),
         Err(s) => panic!("CreateSnapshot {name} of {source}: {s:?}"),
     }
+}
+
+/// CreateVolumeGroupSnapshot that must succeed.
+pub async fn group_ok(c: &mut Clients, name: &str, ids: &[&str]) -> VolumeGroupSnapshot {
+    match c
+        .group
+        .create_volume_group_snapshot(group_req(name, ids))
+        .await
+    {
+        Ok(r) => r.into_inner().group_snapshot.expect("a group snapshot"),
+        Err(s) => panic!("CreateVolumeGroupSnapshot {name} of {ids:?}: {s:?}"),
+    }
+}
+
+/// Bytes allocated to a file (its blocks, not its length).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .blocks()
+        * 512
 }
 
 /// The capacity ControllerGetVolume reports.
