@@ -106,9 +106,7 @@ async fn unpublish_of_another_volume_leaves_a_block_publication_alone() {
     create_ok(&mut d.c, in_pool(block_volume("vol-a", 16 * MIB), "b")).await;
     create_ok(&mut d.c, in_pool(block_volume("vol-b", 16 * MIB), "a")).await;
     let ta = d.path("pods/ta");
-    stage_publish(&mut d.c, "vol-a", &ta, rwo_block())
-        .await
-        .unwrap();
+    stage_publish(&mut d.c, "vol-a", &ta, rwo_block()).await;
     let marker = b"volume A's own data";
     write_device(&ta, marker);
     let pool_b = d.pool_paths[1].clone();
@@ -130,7 +128,7 @@ async fn unpublish_of_another_volume_leaves_a_block_publication_alone() {
         1,
         "A's loop device was detached by an unpublish of B"
     );
-    unpublish_unstage(&mut d.c, "vol-a", &ta).await.unwrap();
+    unpublish_unstage(&mut d.c, "vol-a", &ta).await;
     assert!(!is_mount_point(&ta));
     loops_gone(&pool_b).await;
 }
@@ -167,7 +165,7 @@ async fn block_bind_of_a_reused_device_is_left_and_of_a_detached_one_undone() {
     let mut d = Driver::start().await;
     create_ok(&mut d.c, block_volume("v", 16 * MIB)).await;
     let t = d.path("pods/v");
-    stage_publish(&mut d.c, "v", &t, rwo_block()).await.unwrap();
+    stage_publish(&mut d.c, "v", &t, rwo_block()).await;
     let n = loop_minor(&t);
     let dev = PathBuf::from(format!("/dev/loop{n}"));
     let other = d.path("other.img");
@@ -228,7 +226,7 @@ async fn block_bind_of_a_reused_device_is_left_and_of_a_detached_one_undone() {
     }
     assert!(!is_mount_point(&t), "the bind of a detached device is left");
     assert!(!t.exists(), "the target {} is left", t.display());
-    let staging = PathBuf::from(staging_for(&t));
+    let staging = staging_for(&t);
     d.c.node
         .node_unstage_volume(unstage_req("v", &staging))
         .await
@@ -688,8 +686,8 @@ async fn damaged_metadata_of_a_published_image_volume_still_unpublishes() {
     );
     create_ok(&mut d.c, req).await;
     let t = d.path("pods/img");
-    let staging = PathBuf::from(staging_for(&t));
-    stage_publish(&mut d.c, "img", &t, cap).await.unwrap();
+    let staging = staging_for(&t);
+    stage_publish(&mut d.c, "img", &t, cap).await;
     fs::write(t.join("data"), b"tenant data").unwrap();
     assert!(is_mount_point(&t) && is_mount_point(&staging));
     assert_eq!(loops_under(d.pool()).len(), 1);
