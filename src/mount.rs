@@ -339,10 +339,31 @@ pub fn mount_device(
     })
 }
 
-/// Unmounts `target` once.
+/// How long an unmount waits for a process to close what it holds open
+/// under the mount (a pod's last reader going away, a short-lived probe).
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Unmounts `target` once. A mount still in use is retried for a short
+/// while; past that it is `MountBusy` (never a lazy unmount: the caller
+/// must not be told a device is free while something writes to it).
 pub fn unmount(target: &Path) -> CoreResult<()> {
-    sys_mount::unmount(target, UnmountFlags::empty())
-        .context(|| format!("unmount {}", target.display()))
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match sys_mount::unmount(target, UnmountFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(CoreError::MountBusy {
+                        path: target.to_owned(),
+                    });
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(CoreError::io(format!("unmount {}", target.display()), e)),
+        }
+    }
 }
 
 /// Unmounts every mount stacked on `target`; no mount there is fine.
@@ -351,10 +372,10 @@ pub fn unmount_all(target: &Path) -> CoreResult<()> {
         if !is_mount_point(target)? {
             return Ok(());
         }
-        match sys_mount::unmount(target, UnmountFlags::empty()) {
+        match unmount(target) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
-            Err(e) => return Err(CoreError::io(format!("unmount {}", target.display()), e)),
+            Err(e) => return Err(e),
         }
     }
     Err(CoreError::Internal(format!(

@@ -1368,3 +1368,50 @@ fn legacy_and_configure_attach_give_the_same_device() {
         assert!(block::find_attached_devices(&file).unwrap().is_empty());
     }
 }
+
+/// A process that still has the device open when kubelet unpublishes (a
+/// VM's last reader closing) makes the unmount wait for it, not fail; one
+/// that never lets go leaves the publication whole and gets
+/// FAILED_PRECONDITION naming the path.
+#[tokio::test]
+async fn unpublish_waits_briefly_for_a_reader_and_never_detaches_a_busy_device() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, block_volume("pvc-busy", 32 * MIB)).await;
+    let t = d.path("pods/busy/dev");
+    d.c.node
+        .node_publish_volume(publish_req("pvc-busy", &t, block_rwo()))
+        .await
+        .unwrap();
+    let data = pattern(3, 64 << 10);
+    dio_write(&t, 0, &data).unwrap();
+
+    // Held for 300 ms, then closed: the unpublish succeeds.
+    let held = open_direct(&t, false).unwrap();
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    unpublish_ok(&mut d.c, "pvc-busy", &t).await;
+    closer.join().unwrap();
+    assert!(!t.exists());
+    assert!(settled_loops(d.pool()).await.is_empty());
+
+    // Held throughout: refused, still published, data intact.
+    d.c.node
+        .node_publish_volume(publish_req("pvc-busy", &t, block_rwo()))
+        .await
+        .unwrap();
+    let held = open_direct(&t, false).unwrap();
+    let e =
+        d.c.node
+            .node_unpublish_volume(unpublish_req("pvc-busy", &t))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("pods/busy/dev"), "{e:?}");
+    assert_eq!(dio_read(&t, 0, data.len()), data);
+    assert_eq!(loops_under(d.pool()).len(), 1);
+    drop(held);
+    unpublish_ok(&mut d.c, "pvc-busy", &t).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+}

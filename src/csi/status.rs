@@ -18,6 +18,7 @@ pub fn code_of(e: &CoreError) -> Code {
         | E::ForeignContent { .. }
         | E::MountInside { .. }
         | E::SingleWriterTaken { .. }
+        | E::MountBusy { .. }
         | E::NotPossibleHere(_)
         | E::ToolMissing { .. } => Code::FailedPrecondition,
         E::NoSpace { .. } | E::NotOnThisNode(_) => Code::ResourceExhausted,
