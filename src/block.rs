@@ -637,20 +637,43 @@ pub fn is_in_use(device: &LoopDevice) -> CoreResult<bool> {
 
 /// Allocates every byte of `path` up to `len`: fallocate, or zeroes written
 /// into the holes where the filesystem cannot fallocate. Data is untouched.
-pub fn preallocate(path: &Path, len: u64) -> std::io::Result<()> {
-    let file = OpenOptions::new().write(true).read(true).open(path)?;
+///
+/// `reachable` is how many bytes from the start a current user of the file
+/// (a published volume's loop device) can write. Zeroes are never written
+/// there: a write racing ours would be lost. A hole below it, on a
+/// filesystem without fallocate, makes this `NotPossibleHere`, before
+/// anything is written.
+pub fn preallocate(path: &Path, len: u64, reachable: u64) -> CoreResult<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .context(|| format!("open {}", path.display()))?;
     match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len as i64) {
         Ok(()) => return Ok(()),
         Err(nix::errno::Errno::EOPNOTSUPP) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            return Err(CoreError::io(
+                format!("allocate {}", path.display()),
+                e.into(),
+            ));
+        }
     }
-    fill_holes_with_zeroes(&file, len)
+    let holes = holes_below(&file, len).context(|| format!("find holes in {}", path.display()))?;
+    if holes.iter().any(|&(at, _)| at < reachable) {
+        return Err(CoreError::NotPossibleHere(format!(
+            "the filesystem under {} cannot allocate in place (no fallocate), and the file is in use:              zeroes cannot be written under a running user; preallocate it while it is not published",
+            path.display()
+        )));
+    }
+    fill_with_zeroes(&file, &holes).context(|| format!("allocate {}", path.display()))
 }
 
-fn fill_holes_with_zeroes(file: &File, len: u64) -> std::io::Result<()> {
-    let zeroes = vec![0u8; 1 << 20];
+/// The holes of `file` below `len`, as (start, end) ranges.
+fn holes_below(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut holes = Vec::new();
     let mut offset = 0u64;
-    let mut writer = file;
     while offset < len {
         let hole = match nix::unistd::lseek(file, offset as i64, nix::unistd::Whence::SeekHole) {
             Ok(h) => h as u64,
@@ -663,14 +686,23 @@ fn fill_holes_with_zeroes(file: &File, len: u64) -> std::io::Result<()> {
             Ok(d) => (d as u64).min(len),
             Err(_) => len,
         };
-        writer.seek(SeekFrom::Start(hole))?;
-        let mut at = hole;
-        while at < data {
-            let n = ((data - at) as usize).min(zeroes.len());
+        holes.push((hole, data));
+        offset = data;
+    }
+    Ok(holes)
+}
+
+fn fill_with_zeroes(file: &File, holes: &[(u64, u64)]) -> std::io::Result<()> {
+    let zeroes = vec![0u8; 1 << 20];
+    let mut writer = file;
+    for &(start, end) in holes {
+        writer.seek(SeekFrom::Start(start))?;
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(zeroes.len());
             writer.write_all(&zeroes[..n])?;
             at += n as u64;
         }
-        offset = data;
     }
     Ok(())
 }

@@ -1415,3 +1415,64 @@ async fn unpublish_waits_briefly_for_a_reader_and_never_detaches_a_busy_device()
     unpublish_ok(&mut d.c, "pvc-busy", &t).await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
+
+/// On a filesystem without fallocate, preallocation writes zeroes into the
+/// file's holes. Never under a running user: a write racing the zeroes
+/// would be lost. ModifyVolume of a published volume is refused there (and
+/// nothing is written); unpublished it fills the holes; a published
+/// expansion fills only the new tail, which no user sees yet.
+#[tokio::test]
+async fn zero_fill_preallocation_never_writes_under_a_user() {
+    let fs = LoopFs::new("ext4-noextent", 512);
+    let mut d = Driver::start_with(&[("local", Some(fs.mount_point.join("pool")))]).await;
+    const SIZE: i64 = 64 * MIB;
+    create_ok(&mut d.c, block_volume("pvc-thin", SIZE)).await;
+    let file = d.pool().join("pvc-thin");
+    let target = d.path("pods/thin");
+    publish_ok(&mut d.c, "pvc-thin", &target, block_rwo()).await;
+    let data = pattern(12, 1 << 20);
+    dio_write(&target, 32 << 20, &data).unwrap();
+    let before = allocated(&file);
+    let modify = modify_req("pvc-thin", &[("preallocation", "true")]);
+    let r =
+        d.c.controller
+            .controller_modify_volume(modify.clone())
+            .await;
+    assert_code(
+        &r,
+        Code::FailedPrecondition,
+        "zero-filling a published volume",
+    );
+    assert_eq!(allocated(&file), before, "nothing written under the user");
+    assert_eq!(dio_read(&target, 32 << 20, data.len()), data);
+    unpublish_ok(&mut d.c, "pvc-thin", &target).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+
+    d.c.controller
+        .controller_modify_volume(modify)
+        .await
+        .unwrap();
+    assert!(allocated(&file) >= SIZE as u64, "only {}", allocated(&file));
+    assert_eq!(file_read(&file, 32 << 20, data.len()), data);
+
+    publish_ok(&mut d.c, "pvc-thin", &target, block_rwo()).await;
+    d.c.controller
+        .controller_expand_volume(grow_req("pvc-thin", SIZE + 32 * MIB, Some(block_rwo())))
+        .await
+        .unwrap();
+    assert!(allocated(&file) >= (SIZE + 32 * MIB) as u64);
+    assert_eq!(dio_read(&target, 32 << 20, data.len()), data);
+    unpublish_ok(&mut d.c, "pvc-thin", &target).await;
+
+    // Thick at create: built aside, so zero-filled.
+    create_ok(
+        &mut d.c,
+        with_params(
+            block_volume("pvc-thick", SIZE),
+            &[("preallocation", "true")],
+        ),
+    )
+    .await;
+    assert!(allocated(&d.pool().join("pvc-thick")) >= SIZE as u64);
+    assert!(settled_loops(d.pool()).await.is_empty());
+}

@@ -251,8 +251,8 @@ impl Core {
             layout.build(meta, staged)?;
         }
         if meta.preallocated && layout.is_file() {
-            block::preallocate(staged, meta.capacity_bytes)
-                .context(|| format!("allocate {}", staged.display()))?;
+            // Built aside: nobody can use the file yet.
+            block::preallocate(staged, meta.capacity_bytes, 0)?;
         }
         Ok(())
     }

@@ -138,6 +138,11 @@ impl LoopFs {
                 .args(["-q", "-f"])
                 .arg(&image)
                 .status(),
+            // ext4 without extents: a filesystem that cannot fallocate.
+            "ext4-noextent" => Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^extent,^64bit"])
+                .arg(&image)
+                .status(),
             _ => Command::new("mkfs.ext4")
                 .args(["-q", "-F"])
                 .arg(&image)
@@ -162,7 +167,7 @@ impl LoopFs {
         };
         let ok = Command::new("mount")
             .arg("-t")
-            .arg(fs_type)
+            .arg(fs_type.split('-').next().unwrap())
             .arg(&device)
             .arg(&mount_point)
             .status()

@@ -48,8 +48,8 @@ pub fn grow(vol: &Volume, capacity: u64) -> CoreResult<()> {
         file.set_len(capacity)
             .context(|| format!("grow {}", vol.path.display()))?;
         if vol.meta.preallocated {
-            block::preallocate(&vol.path, capacity)
-                .context(|| format!("allocate {}", vol.path.display()))?;
+            // Users see the new bytes only after node expansion.
+            block::preallocate(&vol.path, capacity, reachable_by_users(vol, old)?)?;
         }
         file.sync_all()
             .context(|| format!("flush {}", vol.path.display()))
@@ -65,11 +65,17 @@ pub fn grow(vol: &Volume, capacity: u64) -> CoreResult<()> {
 
 /// Allocates every byte of the file.
 pub fn preallocate(vol: &Volume) -> CoreResult<()> {
-    block::preallocate(&vol.path, vol.meta.capacity_bytes)
-        .context(|| format!("allocate {}", vol.path.display()))?;
+    let capacity = vol.meta.capacity_bytes;
+    block::preallocate(&vol.path, capacity, reachable_by_users(vol, capacity)?)?;
     open_rw(&vol.path)?
         .sync_all()
         .context(|| format!("flush {}", vol.path.display()))
+}
+
+/// How many bytes of the file a user can write now: `size` while a loop
+/// device backs it (it is published or staged), else none.
+fn reachable_by_users(vol: &Volume, size: u64) -> CoreResult<u64> {
+    Ok(if devices(vol)?.is_empty() { 0 } else { size })
 }
 
 /// The loop devices backing the volume's file.
