@@ -303,6 +303,32 @@ async fn rendered_daemonset_serves_kubelet() {
     steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
 }
 
+/// Path A: kubevirt's operator keeps its DaemonSet and only the image is
+/// swapped. Its container gets the Go driver's arguments (no subcommand,
+/// `--v`, a relative `PV_DIR`, `--metrics-tls-version`), the pool at
+/// `/local-data-dir`, the kubelet dir as two mounts, and no `/dev`: loop
+/// devices attached after the start exist only in the host's /dev, so the
+/// driver makes their nodes in its own. The same flows must work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the image from hack/image.sh, podman and root: run with --ignored"]
+async fn operator_daemonset_serves_kubelet() {
+    let steps = Steps::new("operator");
+    let mut k = Cluster::start_as_operator("op").await;
+    assert!(
+        !k.spec
+            .mounts
+            .iter()
+            .any(|m| m.container.starts_with("/dev")),
+        "the operator mounts no /dev"
+    );
+    steps.step("driver container as the operator's DaemonSet runs it is up");
+    directory(&mut k, &steps).await;
+    block(&mut k, &steps).await;
+    image(&mut k, &steps).await;
+    k.finish();
+    steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
+}
+
 /// A DaemonSet rolling update while volumes are published: the old
 /// container gets SIGTERM, the host keeps using the volumes while no driver
 /// runs, and the new container reports them healthy and tears them down

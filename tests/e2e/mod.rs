@@ -29,6 +29,8 @@ pub const MIB: i64 = 1 << 20;
 pub const NODE_NAME: &str = "e2e-node";
 /// The CR whose render is the specification.
 const CR: &str = "deploy/examples/hpp-basic.yaml";
+/// What kubevirt's operator creates for the same CR (facts from its source).
+const OPERATOR_DAEMONSET: &str = "tests/e2e/operator-daemonset.yaml";
 /// The StorageClass for `layout: image` volumes.
 const IMAGE_CLASS: &str = "deploy/examples/storageclass-image.yaml";
 
@@ -91,15 +93,29 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The driver container of `render` of the example CR.
     pub async fn start(tag: &str) -> Cluster {
         load_image_once();
         let docs = spec::render(&repo(CR), NODE_NAME, &image());
-        let spec = spec::driver_spec(&docs, NODE_NAME, &image());
+        Cluster::start_from(tag, &docs).await
+    }
+
+    /// The driver container as kubevirt's operator runs it (path A).
+    pub async fn start_as_operator(tag: &str) -> Cluster {
+        load_image_once();
+        let docs = spec::manifests(&repo(OPERATOR_DAEMONSET), &image());
+        Cluster::start_from(tag, &docs).await
+    }
+
+    async fn start_from(tag: &str, docs: &[serde_json::Value]) -> Cluster {
+        let spec = spec::driver_spec(docs, NODE_NAME, &image());
         // A tag unique to this run keeps parallel and leftover runs apart.
         let tag = format!("{tag}{}", std::process::id());
         let mut node = Node::new(NODE_NAME, &tag);
-        // What every node has before the DaemonSet comes: kubelet's dir.
-        std::fs::create_dir_all(node.host(&spec.kubelet_dir)).unwrap();
+        // What every node has before the DaemonSet comes: kubelet's dirs.
+        for dir in ["plugins", "plugins_registry", "pods"] {
+            std::fs::create_dir_all(node.host(&spec.kubelet_dir.join(dir))).unwrap();
+        }
         let container = node.start_driver(&spec);
         let c = node.connect(&spec, &container).await;
         Cluster {
@@ -153,8 +169,10 @@ impl Cluster {
         let datadir = spec::flag(&self.spec.args, "--datadir").expect("--datadir in the args");
         let pools: serde_json::Value = serde_json::from_str(&datadir).unwrap();
         let path = pools[0]["path"].as_str().expect("a pool path");
-        self.node
-            .host(&spec::node_path(&self.spec.mounts, Path::new(path)))
+        // The operator's PV_DIR paths are relative to `/`, as the Go
+        // driver resolves them.
+        let path = Path::new("/").join(path);
+        self.node.host(&spec::node_path(&self.spec.mounts, &path))
     }
 
     /// Where a volume lives on the host: `<pool>/<volume id>`.

@@ -58,6 +58,16 @@ pub struct DriverSpec {
     pub class_parameters: BTreeMap<String, String>,
 }
 
+/// The documents of a manifest file, with `IMAGE` replaced by `image`.
+pub fn manifests(file: &Path, image: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.replace("image: IMAGE", &format!("image: {image}"))
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_norway::from_str(d).expect("manifest YAML parses"))
+        .collect()
+}
+
 /// Runs `hostpath-csi render` on `cr` for one node, with `image`.
 pub fn render(cr: &Path, node: &str, image: &str) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_hostpath-csi"))
@@ -204,6 +214,17 @@ pub fn node_path(mounts: &[HostPathMount], in_container: &Path) -> PathBuf {
         .join(in_container.strip_prefix(&m.container).unwrap())
 }
 
+/// The deepest directory holding every path.
+fn common_ancestor<'a>(mut paths: impl Iterator<Item = &'a Path>) -> PathBuf {
+    let mut common = paths.next().expect("a path").to_owned();
+    for p in paths {
+        while !p.starts_with(&common) {
+            common.pop();
+        }
+    }
+    common
+}
+
 /// Reads the driver container (the one running `image`) and the sidecars'
 /// settings out of a render.
 pub fn driver_spec(docs: &[Value], node: &str, image: &str) -> DriverSpec {
@@ -238,22 +259,28 @@ pub fn driver_spec(docs: &[Value], node: &str, image: &str) -> DriverSpec {
                 .expect("a unix:// endpoint"),
         ),
     );
-    let kubelet = mounts
+    // The kubelet dir: one Bidirectional mount (the render) or several
+    // below it (the operator mounts `plugins` and `pods`). kubelet sends its
+    // own paths; they resolve in the container only when each is mounted at
+    // the same path.
+    let shared: Vec<&HostPathMount> = mounts
         .iter()
-        .find(|m| m.propagation == Propagation::Bidirectional)
-        .expect("a Bidirectional mount for the kubelet dir");
-    // kubelet sends its own paths; they resolve in the container only when
-    // the kubelet dir is mounted at the same path.
-    assert_eq!(
-        kubelet.host, kubelet.container,
-        "kubelet dir mounted elsewhere"
+        .filter(|m| m.propagation == Propagation::Bidirectional)
+        .collect();
+    assert!(
+        !shared.is_empty(),
+        "a Bidirectional mount for the kubelet dir"
     );
+    for m in &shared {
+        assert_eq!(m.host, m.container, "kubelet dir mounted elsewhere");
+    }
+    let kubelet_dir = common_ancestor(shared.iter().map(|m| m.host.as_path()));
     let provisioner = containers
         .iter()
         .find(|c| {
             strings(&c["args"])
                 .iter()
-                .any(|a| a == "--extra-create-metadata")
+                .any(|a| a == "--extra-create-metadata" || a == "--extra-create-metadata=true")
         })
         .expect("a csi-provisioner with --extra-create-metadata");
     let classes = find(docs, "StorageClass");
@@ -271,12 +298,28 @@ pub fn driver_spec(docs: &[Value], node: &str, image: &str) -> DriverSpec {
         host_network: pod["hostNetwork"].as_bool() == Some(true),
         driver_name: string(&find(docs, "CSIDriver")[0]["metadata"]["name"]),
         socket,
-        kubelet_dir: kubelet.host.clone(),
+        kubelet_dir,
         default_fs_type: flag(&strings(&provisioner["args"]), "--default-fstype")
             .unwrap_or_default(),
         class_parameters,
         mounts,
     }
+}
+
+#[test]
+fn the_kubelet_dir_is_the_common_ancestor() {
+    let paths = [
+        Path::new("/var/lib/kubelet/plugins"),
+        Path::new("/var/lib/kubelet/pods"),
+    ];
+    assert_eq!(
+        common_ancestor(paths.into_iter()),
+        Path::new("/var/lib/kubelet")
+    );
+    assert_eq!(
+        common_ancestor([Path::new("/var/lib/kubelet")].into_iter()),
+        Path::new("/var/lib/kubelet")
+    );
 }
 
 #[test]
