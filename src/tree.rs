@@ -247,11 +247,26 @@ impl Removal {
         // Too deep to hold open: move it to the top of the tree, where a
         // later pass of the top directory finds it.
         drop(child);
-        self.hoisted += 1;
-        let hoisted = CString::new(format!(".deep-{}", self.hoisted)).expect("no NUL");
         let top_fd = stack[0].fd();
         let dir = stack.last().expect("not empty").fd();
-        match nix::fcntl::renameat(dir, name, top_fd, hoisted.as_c_str()) {
+        // The tenant chose the names at the top: never replace one (a
+        // `.deep-1` of theirs may be an ancestor of what moves); take the
+        // next free name instead.
+        let moved = loop {
+            self.hoisted += 1;
+            let hoisted = CString::new(format!(".deep-{}", self.hoisted)).expect("no NUL");
+            match nix::fcntl::renameat2(
+                dir,
+                name,
+                top_fd,
+                hoisted.as_c_str(),
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Err(Errno::EEXIST) => continue,
+                other => break other,
+            }
+        };
+        match moved {
             Ok(()) => stack.last_mut().expect("not empty").progress = true,
             Err(errno) => {
                 let path = self.path_of(stack, name);

@@ -167,6 +167,24 @@ async fn deep_chain_delete_keeps_the_driver_alive() {
     d.assert_alive(pid, "removing a 50,000-level tree");
 }
 
+/// The tenant names the top of its deep chain as the removal names what it
+/// moves up (`.deep-1`): the removal never replaces a tenant's name (that
+/// one is an ancestor of what moves), so the tree still goes.
+#[tokio::test]
+async fn deep_chain_under_a_tenant_named_like_a_hoist_is_removed() {
+    let mut d = Driver::start().await;
+    let pid = d.pid();
+    create_ok(&mut d.c, dir_volume("named", GIB)).await;
+    for name in [".deep-1", ".deep-2"] {
+        let top = d.pool().join("named").join(name);
+        fs::create_dir(&top).unwrap();
+        make_deep(&top, 200);
+    }
+    delete_bounded(&mut d, "named").await.unwrap();
+    eventually_removed(&d, "named").await;
+    d.assert_alive(pid, "removing a chain under a tenant's .deep-1");
+}
+
 /// The same chain in an inline ephemeral volume, removed at unpublish.
 #[tokio::test]
 async fn deep_chain_in_an_ephemeral_volume_is_removed_at_unpublish() {
