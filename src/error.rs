@@ -120,6 +120,8 @@ pub enum CoreError {
     BadToken { token: String },
     #[error("{what} kept changing while it was copied; retry the request")]
     Unsettled { what: PathBuf },
+    #[error("the driver is still recovering from an interrupted run; retry")]
+    Recovering,
     #[error("{path} is still open in a process on the node; it stays mounted until that process closes it")]
     MountBusy { path: PathBuf },
 

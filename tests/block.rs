@@ -1476,3 +1476,55 @@ async fn zero_fill_preallocation_never_writes_under_a_user() {
     assert!(allocated(&d.pool().join("pvc-thick")) >= SIZE as u64);
     assert!(settled_loops(d.pool()).await.is_empty());
 }
+
+/// A kill -9 between growing an image volume's file and recording the new
+/// size, while the volume is mounted, leaves a file larger than its
+/// metadata. Here the filesystem was also grown onto it already (as a stage
+/// after the restart would do). Recovery must never cut such a file back
+/// under its loop device (the filesystem's upper half would read zeroes),
+/// and requests wait for recovery, so none acts on a state it would change.
+#[tokio::test]
+async fn recovery_never_shrinks_a_file_a_loop_device_uses() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, image_volume("pvc-grown", 320 * MIB, "xfs")).await;
+    let t = d.path("pods/grown");
+    stage_publish(&mut d.c, "pvc-grown", &t, mount_cap_fs("xfs")).await;
+    std::fs::write(t.join("f"), b"kept").unwrap();
+    let file = d.pool().join("pvc-grown");
+    d.kill9();
+
+    let grown = 640u64 << 20;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(grown)
+        .unwrap();
+    let n = hostpath_csi::block::list_attached()
+        .into_iter()
+        .find(|l| l.backing_file == file)
+        .expect("the image's loop device")
+        .number;
+    let run = |prog: &str, args: &[&str]| {
+        let ok = std::process::Command::new(prog)
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{prog} {args:?}");
+    };
+    run("losetup", &["-c", &format!("/dev/loop{n}")]);
+    run("xfs_growfs", &["-d", &s(&staging_for(&t))]);
+
+    d.restart().await;
+    // Unpublish takes the volume's guard: after recovery.
+    unpublish_unstage(&mut d.c, "pvc-grown", &t).await;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        grown,
+        "recovery cut the file under its loop device"
+    );
+    run("xfs_repair", &["-n", "-f", &s(&file)]);
+    delete_ok(&mut d.c, "pvc-grown").await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+}

@@ -23,7 +23,7 @@ pub fn code_of(e: &CoreError) -> Code {
         | E::ToolMissing { .. } => Code::FailedPrecondition,
         E::NoSpace { .. } | E::NotOnThisNode(_) => Code::ResourceExhausted,
         E::Busy { .. } | E::BadToken { .. } | E::Unsettled { .. } => Code::Aborted,
-        E::PoolUnavailable { .. } => Code::Unavailable,
+        E::PoolUnavailable { .. } | E::Recovering => Code::Unavailable,
         E::Io { .. } if e.is_no_space() => Code::ResourceExhausted,
         E::Io { .. } | E::ToolFailed { .. } | E::Damaged { .. } | E::Internal(_) => Code::Internal,
     }

@@ -13,7 +13,14 @@
 //! A request that conflicts gets ABORTED, as the CSI spec suggests, after
 //! a short wait for node work (which takes milliseconds). Nothing is ever
 //! done half-guarded.
+//!
+//! While crash recovery of an interrupted run is under way (at start-up,
+//! or when a pool becomes ready later), requests wait for it before they
+//! take a guard: no request acts on a state recovery is about to change
+//! (an unacknowledged expansion it will undo). Only the recovery thread
+//! takes guards meanwhile.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +37,15 @@ pub enum Access {
 
 /// How long node work waits for other node work on the same volume.
 const NODE_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a request waits for crash recovery before it is UNAVAILABLE.
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
+thread_local! {
+    /// Set on the thread that runs crash recovery: it takes guards while
+    /// recovery is under way.
+    static RECOVERING_THREAD: Cell<bool> = const { Cell::new(false) };
+}
 
 #[derive(Debug, Default)]
 struct Holders {
@@ -74,6 +90,9 @@ type Key = (Object, String);
 pub struct Guards {
     held: Mutex<HashMap<Key, Holders>>,
     released: Condvar,
+    /// Recoveries under way.
+    recoveries: Mutex<u32>,
+    recovered: Condvar,
 }
 
 /// An object held; dropping it lets go.
@@ -101,6 +120,9 @@ impl Drop for Guard<'_> {
 impl Guards {
     /// Holds `kind` `id` with `access`, or says it is busy.
     pub fn acquire(&self, kind: Object, id: &str, access: Access) -> CoreResult<Guard<'_>> {
+        if !RECOVERING_THREAD.with(Cell::get) {
+            self.wait_for_recovery()?;
+        }
         let key = (kind, id.to_owned());
         let deadline = Instant::now()
             + if access == Access::Node {
@@ -135,6 +157,38 @@ impl Guards {
         }
     }
 
+    /// Marks a recovery as under way. Call it before the recovery thread
+    /// starts, so no request slips in; `recovery_ended` once it is done.
+    pub fn recovery_began(&self) {
+        *self.recoveries.lock().unwrap() += 1;
+    }
+
+    pub fn recovery_ended(&self) {
+        let mut n = self.recoveries.lock().unwrap();
+        *n = n.saturating_sub(1);
+        self.recovered.notify_all();
+    }
+
+    /// Runs `f` as the recovery thread: its guards do not wait for recovery.
+    pub fn as_recovery<R>(f: impl FnOnce() -> R) -> R {
+        RECOVERING_THREAD.with(|r| r.set(true));
+        let out = f();
+        RECOVERING_THREAD.with(|r| r.set(false));
+        out
+    }
+
+    fn wait_for_recovery(&self) -> CoreResult<()> {
+        let n = self.recoveries.lock().unwrap();
+        let (n, timeout) = self
+            .recovered
+            .wait_timeout_while(n, RECOVERY_WAIT, |n| *n > 0)
+            .unwrap();
+        if timeout.timed_out() && *n > 0 {
+            return Err(CoreError::Recovering);
+        }
+        Ok(())
+    }
+
     /// Holds every object of `ids` (deduplicated, in a fixed order, so two
     /// multi-object operations never deadlock), or none.
     pub fn acquire_all<'a>(
@@ -156,6 +210,30 @@ impl Guards {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_wait_for_recovery_and_the_recovery_thread_does_not() {
+        let g = std::sync::Arc::new(Guards::default());
+        g.recovery_began();
+        Guards::as_recovery(|| {
+            g.acquire(Object::Volume, "r", Access::Write).unwrap();
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let ok = g.acquire(Object::Volume, "v", Access::Write).is_ok();
+                tx.send(ok).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a request went ahead of recovery"
+        );
+        g.recovery_ended();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        waiter.join().unwrap();
+    }
 
     #[test]
     fn readers_share_writers_exclude_node_work_serialises() {

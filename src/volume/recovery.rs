@@ -9,14 +9,17 @@
 //! metadata is kept, logged and reported (the volume stays listed, with an
 //! abnormal condition): data is never deleted for it. A file larger than
 //! its metadata says is an expansion that was never acknowledged, and is
-//! put back to its recorded size.
+//! put back to its recorded size, unless a loop device uses it.
+//!
+//! Requests wait while recovery runs (see `guard`); recovery waits for a
+//! request that began before it.
 
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Weak};
 
-use super::guard::Access;
+use super::guard::{Access, Guards};
 use super::meta::{self, Found};
 use super::{group, snapshot, Core};
 use crate::error::Object;
@@ -29,18 +32,52 @@ pub fn install(core: &Arc<Core>) {
     for (i, pool) in core.pools().iter().enumerate() {
         let weak: Weak<Core> = Arc::downgrade(core);
         pool.set_ready_hook(Box::new(move |_pool: &Pool| {
-            let weak = weak.clone();
+            let Some(core) = weak.upgrade() else { return };
+            // Before the thread starts: requests wait from now on.
+            core.guards.recovery_began();
+            let ended = RecoveryEnded(core);
             let spawned = std::thread::Builder::new()
                 .name("recovery".into())
                 .spawn(move || {
-                    if let Some(core) = weak.upgrade() {
-                        recover_pool(&core, i);
-                    }
+                    let ended = ended;
+                    Guards::as_recovery(|| recover_pool(&ended.0, i));
                 });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start recovery");
             }
         }));
+    }
+}
+
+/// Lets requests in when recovery ends, however it ends.
+struct RecoveryEnded(Arc<Core>);
+
+impl Drop for RecoveryEnded {
+    fn drop(&mut self) {
+        self.0.guards.recovery_ended();
+    }
+}
+
+/// How long recovery waits for a request that holds a volume (one that
+/// began before the pool became ready) before it leaves it for next time.
+const GUARD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn acquire_patiently<'a>(core: &'a Core, id: &str) -> Option<super::guard::Guard<'a>> {
+    let deadline = std::time::Instant::now() + GUARD_WAIT;
+    loop {
+        match core.guards.acquire(Object::Volume, id, Access::Write) {
+            Ok(g) => return Some(g),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(_) => {
+                tracing::warn!(
+                    volume = id,
+                    "recovery left a volume that stayed busy; the next start looks at it again"
+                );
+                return None;
+            }
+        }
     }
 }
 
@@ -68,7 +105,7 @@ fn recover_pool(core: &Core, index: usize) {
         let Some(id) = name.strip_suffix(".json").filter(|id| is_valid_name(id)) else {
             continue;
         };
-        let Ok(_guard) = core.guards.acquire(Object::Volume, id, Access::Write) else {
+        let Some(_guard) = acquire_patiently(core, id) else {
             continue;
         };
         damaged += recover_volume(pool, id) as u64;
@@ -122,6 +159,16 @@ fn recover_volume(pool: &Pool, id: &str) -> bool {
                 && m.capacity_bytes > 0
                 && st.len() > m.capacity_bytes =>
         {
+            let in_use = crate::block::FileId::of_path(&path)
+                .ok()
+                .flatten()
+                .is_some_and(|f| crate::block::list_attached().iter().any(|d| d.file == f));
+            if in_use {
+                // A loop device (maybe a mounted filesystem already grown
+                // to it) uses the larger size: shrinking would cut it off.
+                tracing::warn!(pool = %pool.name, volume = id, file = st.len(), recorded = m.capacity_bytes, "an expansion that was never acknowledged is in use; the file keeps its size");
+                return false;
+            }
             tracing::warn!(pool = %pool.name, volume = id, file = st.len(), recorded = m.capacity_bytes, "putting back the size of an expansion that was never acknowledged");
             if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
                 let _ = f.set_len(m.capacity_bytes).and_then(|()| f.sync_all());
