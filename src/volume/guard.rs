@@ -216,7 +216,7 @@ mod tests {
         let g = std::sync::Arc::new(Guards::default());
         g.recovery_began();
         Guards::as_recovery(|| {
-            g.acquire(Object::Volume, "r", Access::Write).unwrap();
+            let _held = g.acquire(Object::Volume, "r", Access::Write).unwrap();
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = {
