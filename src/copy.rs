@@ -24,11 +24,11 @@ use std::time::Instant;
 use nix::dir::{Dir, OwningIter};
 use nix::errno::Errno;
 use nix::fcntl::{openat, readlinkat, AtFlags, OFlag, AT_FDCWD};
-use nix::sys::stat::{fstat, fstatat, mkdirat, mknodat, FileStat, Mode, SFlag};
+use nix::sys::stat::{fstat, mkdirat, mknodat, FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{lseek, Whence};
 
-use crate::dirfd::Place;
+use crate::dirfd::{self, Place};
 use crate::error::{CoreError, CoreResult, IoContext};
 
 /// CDI's name for the VM disk inside a Filesystem-mode volume.
@@ -507,9 +507,17 @@ impl TreeCopy<'_> {
 
     fn copy_entry(&mut self, parent: &Level, name: &CStr) -> CoreResult<Option<Level>> {
         for _ in 0..8 {
-            let st = match fstatat(parent.src(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            let st = match dirfd::stat_entry(parent.src(), name) {
                 Ok(st) => st,
                 Err(Errno::ENOENT) => return Ok(None),
+                // Another filesystem mounted inside: never asked anything
+                // (it may hang); only the mount point is kept.
+                Err(Errno::EXDEV) => {
+                    mkdirat(&parent.dst, name, Mode::from_bits_truncate(0o755)).context(|| {
+                        format!("create copy of {}", self.label(parent, name).display())
+                    })?;
+                    return Ok(None);
+                }
                 Err(e) => {
                     let path = self.label(parent, name);
                     return Err(CoreError::io(format!("stat {}", path.display()), e.into()));
@@ -535,19 +543,15 @@ impl TreeCopy<'_> {
 
     fn copy_dir(&mut self, parent: &Level, name: &CStr) -> CoreResult<Step> {
         let label = || self.label(parent, name).display().to_string();
-        let src = match openat(
+        let src = match dirfd::open_entry(
             parent.src(),
             name,
-            OFlag::O_RDONLY
-                | OFlag::O_DIRECTORY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC
-                | OFlag::O_NONBLOCK,
-            Mode::empty(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NONBLOCK,
         ) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(Step::Done(None)),
-            Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(Step::Changed),
+            // Swapped for a symlink, a file or a mount since the stat.
+            Err(Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => return Ok(Step::Changed),
             Err(e) => return Err(CoreError::io(format!("open {}", label()), e.into())),
         };
         let st = fstat(&src).context(|| format!("stat {}", label()))?;
@@ -580,14 +584,10 @@ impl TreeCopy<'_> {
 
     fn copy_file(&mut self, parent: &Level, name: &CStr) -> CoreResult<Step> {
         let label = self.label(parent, name);
-        let handle = match openat(
-            parent.src(),
-            name,
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        let handle = match dirfd::open_entry(parent.src(), name, OFlag::O_PATH) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(Step::Done(None)),
+            Err(Errno::EXDEV | Errno::ELOOP) => return Ok(Step::Changed),
             Err(e) => return Err(CoreError::io(format!("open {}", label.display()), e.into())),
         };
         let st = fstat(&handle).context(|| format!("stat {}", label.display()))?;

@@ -48,6 +48,43 @@ pub fn open_beneath(dir: BorrowedFd, rel: &Path, flags: OFlag) -> nix::Result<Ow
     }
 }
 
+/// Opens the entry `name` of `dir` without leaving `dir`'s mount: a name
+/// with another filesystem mounted on it is EXDEV, and that filesystem is
+/// never asked anything on the way (a tenant's hung FUSE or NFS mount
+/// cannot block the caller). No symlink is followed.
+pub fn open_entry<P: ?Sized + nix::NixPath>(
+    dir: BorrowedFd,
+    name: &P,
+    flags: OFlag,
+) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    match nix::fcntl::openat2(dir, name, how) {
+        // Before 5.6: the mount check is left to the caller (by device).
+        Err(Errno::ENOSYS) => openat(
+            dir,
+            name,
+            flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        ),
+        other => other,
+    }
+}
+
+/// What the entry `name` of `dir` is (a symlink itself, not its target),
+/// asked of `dir`'s filesystem only: EXDEV when another filesystem is
+/// mounted on it.
+pub fn stat_entry<P: ?Sized + nix::NixPath>(dir: BorrowedFd, name: &P) -> nix::Result<FileStat> {
+    fstat(open_entry(dir, name, OFlag::O_PATH)?)
+}
+
 fn open_by_components(dir: BorrowedFd, rel: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
     use std::path::Component;
     let parts: Vec<_> = rel.components().collect();

@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 
 use nix::dir::{Dir, OwningIter, Type};
 use nix::errno::Errno;
-use nix::fcntl::AtFlags;
-use nix::sys::stat::{fstatat, SFlag};
+use nix::sys::stat::SFlag;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::dirfd::{self, is_kind, Place};
@@ -52,7 +51,7 @@ struct Frame {
 
 impl Frame {
     fn open(parent: BorrowedFd, name: &CStr) -> nix::Result<Frame> {
-        let fd = dirfd::open_dir_at(parent, name)?;
+        let fd = dirfd::open_entry(parent, name, dirfd::DIR_FLAGS)?;
         Ok(Frame {
             dir: Dir::from_fd(fd)?.into_iter(),
             name: name.to_owned(),
@@ -102,9 +101,14 @@ pub fn remove(parent: BorrowedFd, name: &CStr, label: &Path) -> Result<(), Vec<R
             errno,
         }]
     };
-    let st = match fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+    let st = match dirfd::stat_entry(parent, name) {
         Ok(st) => st,
         Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::EXDEV) => {
+            return Err(vec![RemoveError::ForeignMount {
+                path: label.to_path_buf(),
+            }])
+        }
         Err(e) => return Err(io(e)),
     };
     if !is_kind(&st, SFlag::S_IFDIR) {
@@ -201,9 +205,11 @@ impl Removal {
         let is_dir = match kind {
             Some(Type::Directory) => true,
             Some(_) => false,
-            None => fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            // A mount point (EXDEV) is opened as a directory below, which
+            // reports it without entering it.
+            None => dirfd::stat_entry(dir, name)
                 .map(|st| is_kind(&st, SFlag::S_IFDIR))
-                .unwrap_or(false),
+                .unwrap_or_else(|e| e == Errno::EXDEV),
         };
         if !is_dir {
             match unlink_file(dir, name) {
@@ -221,6 +227,12 @@ impl Removal {
         let child = match Frame::open(dir, name) {
             Ok(f) => f,
             Err(Errno::ENOENT) => return,
+            Err(Errno::EXDEV) => {
+                top.failed = true;
+                let path = self.path_of(stack, name);
+                self.errors.push(RemoveError::ForeignMount { path });
+                return;
+            }
             // Swapped for something else since it was listed: next pass.
             Err(Errno::ENOTDIR | Errno::ELOOP) => {
                 top.progress = true;
@@ -356,7 +368,8 @@ pub fn usage(root: BorrowedFd) -> nix::Result<TreeUsage> {
         }
         // SAFETY: the descriptor is owned by the iterator on the stack.
         let fd = unsafe { BorrowedFd::borrow_raw(dir.as_raw_fd()) };
-        let Ok(st) = fstatat(fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+        // Never asks a filesystem mounted inside (EXDEV): it is not ours.
+        let Ok(st) = dirfd::stat_entry(fd, name) else {
             continue;
         };
         usage.inodes += 1;
@@ -379,8 +392,8 @@ pub fn usage(root: BorrowedFd) -> nix::Result<TreeUsage> {
             usage.truncated = true;
             continue;
         }
-        // Swapped for a symlink since the stat: O_NOFOLLOW refuses it.
-        let Ok(child) = dirfd::open_dir_at(fd, name) else {
+        // Swapped for a symlink or a mount since the stat: refused.
+        let Ok(child) = dirfd::open_entry(fd, name, dirfd::DIR_FLAGS) else {
             continue;
         };
         if Place::of(child.as_fd()).ok() != Some(place) {

@@ -185,6 +185,110 @@ async fn deep_chain_under_a_tenant_named_like_a_hoist_is_removed() {
     d.assert_alive(pid, "removing a chain under a tenant's .deep-1");
 }
 
+/// A FUSE filesystem whose "daemon" never answers, not even the kernel's
+/// INIT: every request to it blocks until the connection goes. That is what
+/// a privileged tenant's hung FUSE or hard NFS mount does to a caller.
+struct HungFilesystem {
+    at: PathBuf,
+    _connection: OwnedFd,
+}
+
+impl HungFilesystem {
+    fn mount(at: &Path) -> HungFilesystem {
+        use nix::fcntl::OFlag;
+        use std::os::fd::AsRawFd;
+        let connection = nix::fcntl::open(
+            "/dev/fuse",
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .expect("open /dev/fuse");
+        let options = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0",
+            connection.as_raw_fd()
+        );
+        nix::mount::mount(
+            Some("hung"),
+            at,
+            Some("fuse"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .expect("mount a FUSE filesystem");
+        HungFilesystem {
+            at: at.to_owned(),
+            _connection: connection,
+        }
+    }
+}
+
+impl Drop for HungFilesystem {
+    fn drop(&mut self) {
+        // Detach first, then closing the connection fails every request
+        // still waiting on it.
+        let _ = nix::mount::umount2(&self.at, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A hung filesystem mounted inside a volume: stats, clone, snapshot and
+/// delete never ask it anything (they would block for ever), so none of
+/// them hangs and no lane of the driver is lost to it.
+#[tokio::test]
+async fn a_hung_filesystem_mounted_inside_never_blocks_the_driver() {
+    const BOUND: Duration = Duration::from_secs(20);
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, dir_volume("v", GIB)).await;
+    let (_, target) = mount_rwo(&mut d, "v").await;
+    fs::write(target.join("a"), vec![7u8; 8192]).unwrap();
+    let sub = d.pool().join("v/sub");
+    fs::create_dir(&sub).unwrap();
+    let hung = HungFilesystem::mount(&sub);
+
+    let stats = bounded(
+        "NodeGetVolumeStats beside a hung mount",
+        BOUND,
+        d.c.node.node_get_volume_stats(stats_req("v", &target)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(!stats.usage.is_empty());
+    bounded(
+        "clone beside a hung mount",
+        BOUND,
+        d.c.controller
+            .create_volume(clone_of(dir_volume("c", GIB), "v")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fs::read(d.pool().join("c/a")).unwrap(), vec![7u8; 8192]);
+    let kept = d.pool().join("c/sub");
+    assert!(kept.is_dir(), "the mount point is kept");
+    assert_eq!(fs::read_dir(&kept).unwrap().count(), 0);
+    bounded(
+        "snapshot beside a hung mount",
+        BOUND,
+        d.c.controller.create_snapshot(snapshot_req("s", "v")),
+    )
+    .await
+    .unwrap();
+    unpublish_unstage(&mut d.c, "v", &target).await;
+    let del = bounded(
+        "DeleteVolume beside a hung mount",
+        BOUND,
+        d.c.controller.delete_volume(delete_req("v")),
+    )
+    .await;
+    assert_code(
+        &del,
+        Code::FailedPrecondition,
+        "a volume with a mount inside",
+    );
+    drop(hung);
+    delete_ok(&mut d.c, "v").await;
+    delete_ok(&mut d.c, "c").await;
+}
+
 /// The same chain in an inline ephemeral volume, removed at unpublish.
 #[tokio::test]
 async fn deep_chain_in_an_ephemeral_volume_is_removed_at_unpublish() {
