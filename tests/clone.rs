@@ -1726,3 +1726,76 @@ async fn copies_of_a_published_image_include_unflushed_writes() {
     }
     unpublish_unstage(&mut d.c, "img", &m).await;
 }
+
+/// True when the filesystem at `mount_point` is frozen (a second FIFREEZE
+/// is EBUSY).
+fn is_frozen(mount_point: &Path) -> bool {
+    let dir = fs::File::open(mount_point).unwrap();
+    // SAFETY: FIFREEZE takes no argument.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            0xC004_5877u64 as _,
+            0,
+        )
+    };
+    if r == 0 {
+        // It was not frozen: undo ours.
+        // SAFETY: FITHAW takes no argument.
+        unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                0xC004_5878u64 as _,
+                0,
+            )
+        };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY)
+}
+
+/// A group journal an interrupted run left names a mount point it froze.
+/// Recovery thaws it only if the filesystem mounted there is the one the
+/// journal recorded (by device): one frozen by someone else, or a journal
+/// without a device, is left frozen.
+#[tokio::test]
+async fn recovery_thaws_only_the_filesystem_it_recorded_as_frozen() {
+    let mut d = Driver::start().await;
+    let theirs = LoopFs::new("xfs", 320);
+    let ours = LoopFs::new("xfs", 320);
+    let _a = FreezeGuard::freeze(&theirs.mount_point);
+    let _b = FreezeGuard::freeze(&ours.mount_point);
+    let dev = |p: &Path| fs::metadata(p).unwrap().dev();
+    d.kill9();
+    let groups = d.pool().join(".hostpath-csi/snapshots/.groups");
+    fs::create_dir_all(&groups).unwrap();
+    let journal = |id: &str, at: &Path, devs: Option<Vec<u64>>| {
+        let mut j = serde_json::json!({
+            "id": id, "frozen": [at], "members": [], "instance": "earlier",
+        });
+        if let Some(devs) = devs {
+            j["frozen_devs"] = serde_json::json!(devs);
+        }
+        fs::write(groups.join(format!(".pending-{id}.json")), j.to_string()).unwrap();
+    };
+    journal("no-dev", &theirs.mount_point, None);
+    journal(
+        "other-dev",
+        &theirs.mount_point,
+        Some(vec![dev(&ours.mount_point)]),
+    );
+    journal(
+        "ours",
+        &ours.mount_point,
+        Some(vec![dev(&ours.mount_point)]),
+    );
+    d.restart().await;
+    assert!(
+        is_frozen(&theirs.mount_point),
+        "a filesystem someone else froze was thawed"
+    );
+    assert!(
+        !is_frozen(&ours.mount_point),
+        "the filesystem the journal recorded stayed frozen"
+    );
+}

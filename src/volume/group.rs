@@ -198,6 +198,13 @@ impl Core {
         };
         meta::write_at(groups.as_fd(), &journal, &pending)?;
         let taken = self.take_members(name, &members, &mut pending, &groups, &journal);
+        if !pending.frozen.is_empty() {
+            // Thawed by now, whatever happened: a journal left behind must
+            // not make a later start thaw a freeze someone else took.
+            pending.frozen.clear();
+            pending.frozen_devs.clear();
+            let _ = meta::write_at(groups.as_fd(), &journal, &pending);
+        }
         let (snapshots, taken_at) = match taken {
             Ok(t) => t,
             Err((e, partial)) => {
@@ -337,11 +344,24 @@ impl Core {
         let window = Freeze::start(self.settings.freeze_timeout);
         for m in members.iter().filter(|m| m.mounted_at.is_some()) {
             let at = m.mounted_at.clone().expect("filtered");
+            // Recorded with its device: recovery thaws it only if the
+            // filesystem mounted there then is this one.
+            let dev = match std::fs::metadata(&at) {
+                Ok(st) => std::os::unix::fs::MetadataExt::dev(&st),
+                Err(e) => {
+                    return Err(fail(
+                        CoreError::io(format!("stat {}", at.display()), e),
+                        &taken,
+                    ))
+                }
+            };
             pending.frozen.push(at.clone());
+            pending.frozen_devs.push(dev);
             let frozen = meta::write_at(groups.as_fd(), journal, &*pending)
                 .and_then(|()| window.freeze(&at));
             if let Err(e) = frozen {
                 pending.frozen.pop();
+                pending.frozen_devs.pop();
                 let _ = meta::write_at(groups.as_fd(), journal, &*pending);
                 return Err(fail(e, &taken));
             }
@@ -454,8 +474,8 @@ pub fn thaw_leftovers(core: &Core) {
                 .metadata()
                 .map(|st| std::os::unix::fs::MetadataExt::dev(&st))
                 .unwrap_or(0);
-            if pending.frozen_devs.get(i).is_some_and(|d| *d != dev) {
-                tracing::warn!(mount = %mount_point.display(), group = %pending.id, "not thawed: another filesystem is mounted there now");
+            if pending.frozen_devs.get(i) != Some(&dev) {
+                tracing::warn!(mount = %mount_point.display(), group = %pending.id, "not thawed: the filesystem mounted there now is not the one recorded as frozen");
                 continue;
             }
             // EINVAL: not frozen (the freeze never happened, or was undone).
