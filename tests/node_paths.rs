@@ -245,3 +245,29 @@ async fn nul_bytes_in_paths_are_invalid_argument() {
         .collect();
     assert!(wrong.is_empty(), "not INVALID_ARGUMENT: {wrong:?}");
 }
+
+/// A target or staging path inside a storage pool names (or could name) a
+/// volume: publish and stage there are INVALID_ARGUMENT, and an unpublish
+/// naming an empty volume directory leaves it (it used to remove it).
+#[tokio::test]
+async fn paths_inside_a_pool_are_refused_and_never_removed() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, dir_volume("x", 64 * MIB)).await;
+    create_ok(&mut d.c, dir_volume("y", 64 * MIB)).await;
+    let y = d.pool().join("y");
+    let r = d.c.node.node_unpublish_volume(unpublish_req("x", &y)).await;
+    assert!(r.is_ok(), "{r:?}");
+    assert!(y.is_dir(), "an unpublish removed an empty volume directory");
+    let inside = d.pool().join("y/t");
+    let r =
+        d.c.node
+            .node_publish_volume(publish_req("x", &inside, rwo()))
+            .await;
+    assert_code(&r, Code::InvalidArgument, "publish into a pool");
+    let r =
+        d.c.node
+            .node_stage_volume(stage_req("x", &inside, rwo()))
+            .await;
+    assert_code(&r, Code::InvalidArgument, "stage into a pool");
+    assert!(listed_ids(&mut d.c).await.contains(&"y".to_owned()));
+}

@@ -121,9 +121,41 @@ impl Core {
             .collect())
     }
 
+    /// A request path checked like `request_path`, refused when it lies in
+    /// a storage pool: a publication or staging there could hide or replace
+    /// a volume.
+    fn outside_pools(&self, field: &'static str, raw: &Path) -> CoreResult<PathBuf> {
+        let path = request_path(field, raw)?;
+        if let Some(pool) = self.pool_holding(&path) {
+            return Err(CoreError::invalid(
+                field,
+                &path.to_string_lossy(),
+                format!("it lies in storage pool {pool}"),
+            ));
+        }
+        Ok(path)
+    }
+
+    /// The pool whose directory holds `path` (as written, or with its
+    /// parent's symlinks resolved).
+    fn pool_holding(&self, path: &Path) -> Option<String> {
+        let resolved = path
+            .parent()
+            .and_then(|p| fs::canonicalize(p).ok())
+            .zip(path.file_name())
+            .map(|(p, name)| p.join(name));
+        self.pools()
+            .iter()
+            .find(|p| {
+                path.starts_with(&p.root)
+                    || resolved.as_ref().is_some_and(|r| r.starts_with(&p.root))
+            })
+            .map(|p| p.name.clone())
+    }
+
     pub fn stage(&self, req: &StageRequest) -> CoreResult<()> {
         validate_name("volume_id", &req.volume_id)?;
-        let staging = request_path("staging_target_path", &req.staging)?;
+        let staging = self.outside_pools("staging_target_path", &req.staging)?;
         let _guard = self
             .guards
             .acquire(Object::Volume, &req.volume_id, Access::Node)?;
@@ -187,7 +219,7 @@ impl Core {
 
     pub fn publish(&self, req: &PublishRequest) -> CoreResult<()> {
         validate_name("volume_id", &req.volume_id)?;
-        let target = request_path("target_path", &req.target)?;
+        let target = self.outside_pools("target_path", &req.target)?;
         let staging = req
             .staging
             .as_deref()
@@ -271,7 +303,8 @@ impl Core {
                 vol.layout().release(vol, DETACH_WAIT, false)?;
             }
         }
-        if !mount::is_mount_point(&target)? {
+        // A path in a pool may be a volume: never removed for a request.
+        if !mount::is_mount_point(&target)? && self.pool_holding(&target).is_none() {
             remove_if_empty(&target)?;
         }
         if unmounted {
