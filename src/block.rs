@@ -147,6 +147,40 @@ pub struct LoopDevice {
     pub read_only: bool,
     /// Detach requested while open: it goes away at the last close.
     pub autoclear: bool,
+    /// Attached by this driver (its name carries `OWN_TAG`), or handed to
+    /// it by a mount it undid (see `claim`). Others' devices on a volume
+    /// file are never reused or detached.
+    pub ours: bool,
+}
+
+/// The start of the name (`lo_file_name`, seen only through
+/// LOOP_GET_STATUS64) of every loop device this driver attaches. sysfs and
+/// `losetup -l` still show the real backing file.
+const OWN_TAG: &[u8] = b"hostpath-csi:";
+
+/// Untagged devices this driver took over from its own mounts (attached by
+/// a version before the tag): (device number, backing file).
+static CLAIMED: Mutex<BTreeSet<(u32, u64, u64)>> = Mutex::new(BTreeSet::new());
+
+/// Marks device `n` on `file` as this driver's: a mount of ours used it.
+pub fn claim(n: u32, file: FileId) {
+    CLAIMED.lock().unwrap().insert((n, file.dev, file.ino));
+}
+
+fn claimed(n: u32, file: FileId) -> bool {
+    CLAIMED.lock().unwrap().contains(&(n, file.dev, file.ino))
+}
+
+/// The name a device of ours carries: the tag, then as much of the end of
+/// the path as fits.
+fn own_name(file: &Path) -> [u8; LO_NAME_SIZE] {
+    let mut out = [0u8; LO_NAME_SIZE];
+    let path = file.as_os_str().as_encoded_bytes();
+    let room = LO_NAME_SIZE - 1 - OWN_TAG.len();
+    let tail = &path[path.len().saturating_sub(room)..];
+    out[..OWN_TAG.len()].copy_from_slice(OWN_TAG);
+    out[OWN_TAG.len()..OWN_TAG.len() + tail.len()].copy_from_slice(tail);
+    out
 }
 
 /// The device node path of loop device `n`.
@@ -269,16 +303,18 @@ pub fn attached(number: u32) -> Option<LoopDevice> {
     let backing = fs::read_to_string(dir.join("loop/backing_file")).ok()?;
     let info = status(number).ok()?;
     let flag = |name: &str| fs::read_to_string(dir.join(name)).is_ok_and(|v| v.trim() == "1");
+    let file = FileId {
+        dev: info.lo_device,
+        ino: info.lo_inode,
+    };
     Some(LoopDevice {
         path: device_path(number),
         number,
         backing_file: PathBuf::from(backing.trim_end_matches('\n')),
-        file: FileId {
-            dev: info.lo_device,
-            ino: info.lo_inode,
-        },
+        file,
         read_only: flag("ro"),
         autoclear: flag("loop/autoclear"),
+        ours: info.lo_file_name.starts_with(OWN_TAG) || claimed(number, file),
     })
 }
 
@@ -338,9 +374,7 @@ fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult
         } else {
             0
         } | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
-        let name = file.as_os_str().as_encoded_bytes();
-        let len = name.len().min(LO_NAME_SIZE - 1);
-        info.lo_file_name[..len].copy_from_slice(&name[..len]);
+        info.lo_file_name = own_name(file);
         let result = if legacy {
             configure_legacy(&dev, &backing, &info, opts.block_size, direct_io)
                 .map(|dio| direct_io = dio)
@@ -369,6 +403,7 @@ fn attach_via(file: &Path, opts: AttachOptions, legacy_only: bool) -> CoreResult
                     file: file_id,
                     read_only: opts.read_only,
                     autoclear: false,
+                    ours: true,
                 });
             }
             Err(nix::errno::Errno::EBUSY) => continue,

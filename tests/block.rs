@@ -1205,13 +1205,18 @@ async fn device_left_by_a_crash_is_reused_or_released() {
     let mut d = Driver::start().await;
     create_ok(&mut d.c, block_volume("pvc-left", 16 * MIB)).await;
     let file = d.pool().join("pvc-left");
+    // Attached the way the driver attaches (its tag on the device), as a
+    // crash right after the attach leaves it.
     let attach = || {
-        let ok = std::process::Command::new("losetup")
-            .arg("--find")
-            .arg(&file)
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        hostpath_csi::block::attach(
+            &file,
+            hostpath_csi::block::AttachOptions {
+                read_only: false,
+                direct_io: true,
+                block_size: 0,
+            },
+        )
+        .unwrap();
     };
     attach();
     d.restart().await;
@@ -1527,4 +1532,60 @@ async fn recovery_never_shrinks_a_file_a_loop_device_uses() {
     run("xfs_repair", &["-n", "-f", &s(&file)]);
     delete_ok(&mut d.c, "pvc-grown").await;
     assert!(settled_loops(d.pool()).await.is_empty());
+}
+
+/// A loop device another process attached to a volume file (an admin
+/// inspecting a VM disk with `losetup`) is never reused, detached or
+/// scheduled for detach by the driver: publishes get a device of their own,
+/// unpublish and a retried unpublish leave it, and delete refuses, naming it.
+#[tokio::test]
+async fn a_loop_device_another_process_attached_is_never_taken_or_detached() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, block_volume("pvc-inspected", 16 * MIB)).await;
+    let file = d.pool().join("pvc-inspected");
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let theirs = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let detach = Detach(theirs.clone());
+    let still_theirs = || {
+        let n: u32 = theirs.trim_start_matches("/dev/loop").parse().unwrap();
+        let dev = hostpath_csi::block::attached(n).expect("their device is still attached");
+        assert!(!dev.autoclear, "their device was scheduled for detach");
+    };
+
+    let t = d.path("pods/inspected");
+    publish_ok(&mut d.c, "pvc-inspected", &t, block_rwo()).await;
+    assert_ne!(
+        format!("/dev/loop{}", loop_of(&t)),
+        theirs,
+        "their device was reused"
+    );
+    unpublish_ok(&mut d.c, "pvc-inspected", &t).await;
+    still_theirs();
+    let nowhere = d.path("no/such/target");
+    unpublish_ok(&mut d.c, "pvc-inspected", &nowhere).await;
+    still_theirs();
+    let e =
+        d.c.controller
+            .delete_volume(delete_req("pvc-inspected"))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&theirs), "{}", e.message());
+    still_theirs();
+    drop(detach);
+    hostpath_csi::block::rescan();
+    delete_ok(&mut d.c, "pvc-inspected").await;
 }

@@ -212,6 +212,16 @@ impl Core {
                 break;
             }
             mount::unmount(path)?;
+            // The device under a mount of ours is ours to release, even
+            // one attached before devices carried the driver's tag.
+            let device =
+                crate::block::node_of(&root).or_else(|| crate::block::filesystem_of(&root));
+            if let (Some(n), Some(file)) = (
+                device,
+                crate::block::FileId::of_path(&vol.path).ok().flatten(),
+            ) {
+                crate::block::claim(n, file);
+            }
             unmounted.push(root);
         }
         Ok(unmounted)

@@ -92,7 +92,7 @@ pub fn devices(vol: &Volume) -> CoreResult<Vec<LoopDevice>> {
 pub fn ensure_attached(vol: &Volume, read_only: bool) -> CoreResult<LoopDevice> {
     if let Some(dev) = devices(vol)?
         .into_iter()
-        .find(|d| d.read_only == read_only && !d.autoclear)
+        .find(|d| d.ours && d.read_only == read_only && !d.autoclear)
     {
         return Ok(dev);
     }
@@ -106,8 +106,9 @@ pub fn ensure_attached(vol: &Volume, read_only: bool) -> CoreResult<LoopDevice> 
     )
 }
 
-/// Detaches the volume's devices that no mount uses. With `for_delete`, a
-/// device a mount uses, or one still held open after `wait`, refuses.
+/// Detaches the volume's devices (this driver's only) that no mount uses.
+/// With `for_delete`, a device a mount uses, one still held open after
+/// `wait`, or one another process attached, refuses.
 pub fn release(vol: &Volume, wait: Duration, for_delete: bool) -> CoreResult<()> {
     let devs = devices(vol)?;
     if devs.is_empty() {
@@ -115,6 +116,20 @@ pub fn release(vol: &Volume, wait: Duration, for_delete: bool) -> CoreResult<()>
     }
     let mounts = mount::mounts()?;
     for dev in devs {
+        if !dev.ours {
+            // Another process's device on the volume file: never detached.
+            if for_delete {
+                return Err(CoreError::VolumeInUse {
+                    id: vol.id().to_owned(),
+                    by: format!(
+                        "attached as {} by another process (not by this driver)",
+                        dev.path.display()
+                    ),
+                });
+            }
+            tracing::info!(volume = vol.id(), device = %dev.path.display(), "left alone: a loop device this driver did not attach");
+            continue;
+        }
         let in_use = block::in_use_for(&mounts, dev.number, dev.file)?;
         let held = !in_use && !block::detach_and_wait(&dev, wait)?;
         if for_delete && (in_use || held) {
