@@ -29,19 +29,25 @@ pub fn open_dir_at<P: ?Sized + nix::NixPath>(dir: impl AsFd, name: &P) -> nix::R
     openat(dir, name, DIR_FLAGS, Mode::empty())
 }
 
-/// Opens `rel` below `dir`: no symlink anywhere on the way, no `..` out of
-/// `dir`, no crossing into another mount. Kernels without openat2 (before
-/// 5.6) get the same guarantees component by component.
-pub fn open_beneath(dir: BorrowedFd, rel: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+/// openat2 settings that keep a lookup inside the directory and its mount,
+/// following no symlink.
+fn beneath(flags: OFlag) -> nix::fcntl::OpenHow {
     use nix::fcntl::{OpenHow, ResolveFlag};
-    let how = OpenHow::new()
+    OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
         .resolve(
             ResolveFlag::RESOLVE_BENEATH
                 | ResolveFlag::RESOLVE_NO_SYMLINKS
                 | ResolveFlag::RESOLVE_NO_MAGICLINKS
                 | ResolveFlag::RESOLVE_NO_XDEV,
-        );
+        )
+}
+
+/// Opens `rel` below `dir`: no symlink anywhere on the way, no `..` out of
+/// `dir`, no crossing into another mount. Kernels without openat2 (before
+/// 5.6) get the same guarantees component by component.
+pub fn open_beneath(dir: BorrowedFd, rel: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    let how = beneath(flags);
     match nix::fcntl::openat2(dir, rel, how) {
         Err(Errno::ENOSYS) => open_by_components(dir, rel, flags),
         other => other,
@@ -57,15 +63,7 @@ pub fn open_entry<P: ?Sized + nix::NixPath>(
     name: &P,
     flags: OFlag,
 ) -> nix::Result<OwnedFd> {
-    use nix::fcntl::{OpenHow, ResolveFlag};
-    let how = OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-        .resolve(
-            ResolveFlag::RESOLVE_BENEATH
-                | ResolveFlag::RESOLVE_NO_SYMLINKS
-                | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                | ResolveFlag::RESOLVE_NO_XDEV,
-        );
+    let how = beneath(flags);
     match nix::fcntl::openat2(dir, name, how) {
         // Before 5.6: the mount check is left to the caller (by device).
         Err(Errno::ENOSYS) => openat(

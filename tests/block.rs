@@ -389,17 +389,15 @@ async fn image_capacity_rounding_respects_limit() {
     assert!(d.pool().join("pvc-dir").is_dir());
 }
 
+/// A preallocated Block volume request.
+fn thick_block_volume(name: &str, size: i64) -> CreateVolumeRequest {
+    with_params(block_volume(name, size), &[("preallocation", "true")])
+}
+
 async fn preallocation(mut d: Driver) {
     const SIZE: i64 = 256 * MIB;
     create_ok(&mut d.c, block_volume("pvc-thin", SIZE)).await;
-    create_ok(
-        &mut d.c,
-        with_params(
-            block_volume("pvc-thick", SIZE),
-            &[("preallocation", "true")],
-        ),
-    )
-    .await;
+    create_ok(&mut d.c, thick_block_volume("pvc-thick", SIZE)).await;
     let (thin, thick) = (d.pool().join("pvc-thin"), d.pool().join("pvc-thick"));
     assert!(
         allocated(&thin) < MIB as u64,
@@ -1470,14 +1468,7 @@ async fn zero_fill_preallocation_never_writes_under_a_user() {
     unpublish_ok(&mut d.c, "pvc-thin", &target).await;
 
     // Thick at create: built aside, so zero-filled.
-    create_ok(
-        &mut d.c,
-        with_params(
-            block_volume("pvc-thick", SIZE),
-            &[("preallocation", "true")],
-        ),
-    )
-    .await;
+    create_ok(&mut d.c, thick_block_volume("pvc-thick", SIZE)).await;
     assert!(allocated(&d.pool().join("pvc-thick")) >= SIZE as u64);
     assert!(settled_loops(d.pool()).await.is_empty());
 }
