@@ -271,3 +271,26 @@ async fn paths_inside_a_pool_are_refused_and_never_removed() {
     assert_code(&r, Code::InvalidArgument, "stage into a pool");
     assert!(listed_ids(&mut d.c).await.contains(&"y".to_owned()));
 }
+
+/// A path longer than the kernel takes (or with a name longer than a name
+/// can be) is INVALID_ARGUMENT, not INTERNAL, in publish and stage.
+#[tokio::test]
+async fn over_long_paths_are_invalid_argument() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, dir_volume("v", 64 * MIB)).await;
+    let long_name = d.path(&"n".repeat(300));
+    let long_path = d.path(&"d/".repeat(2100));
+    for p in [&long_name, &long_path] {
+        let r =
+            d.c.node
+                .node_publish_volume(publish_req("v", p, rwo()))
+                .await;
+        assert_code(&r, Code::InvalidArgument, "an over-long target_path");
+        let r = d.c.node.node_stage_volume(stage_req("v", p, rwo())).await;
+        assert_code(
+            &r,
+            Code::InvalidArgument,
+            "an over-long staging_target_path",
+        );
+    }
+}

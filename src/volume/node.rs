@@ -73,6 +73,17 @@ pub fn request_path(field: &'static str, raw: &Path) -> CoreResult<PathBuf> {
     if bytes.contains(&0) {
         return Err(CoreError::invalid(field, &shown, "it contains a NUL byte"));
     }
+    if bytes.len() >= libc::PATH_MAX as usize
+        || raw
+            .components()
+            .any(|c| c.as_os_str().len() > libc::NAME_MAX as usize)
+    {
+        return Err(CoreError::invalid(
+            field,
+            &shown,
+            "it is longer than a path or a name can be",
+        ));
+    }
     if !raw.is_absolute()
         || raw
             .components()
@@ -421,6 +432,9 @@ impl Core {
             vol
         };
         let _guard = self.guards.acquire(Object::Volume, id, Access::Node)?;
+        // Read again under the guard: it may have changed (or gone) since.
+        drop(vol);
+        let vol = self.get_volume(id)?;
         let size = vol.layout().node_expand(self, &vol)?;
         tracing::info!(volume = id, size, "volume expanded on node");
         Ok(size)
