@@ -636,6 +636,10 @@ async fn delete_while_a_pool_is_not_ready_is_unavailable() {
     let mut d = Driver::start_with_datadir(&json).await;
     create_ok(&mut d.c, in_pool(dir_volume("v1", 16 * MIB), "tpl")).await;
     fs::write(mnt.join("v1/keep"), b"data").unwrap();
+    d.c.controller
+        .create_snapshot(snapshot_req("s1", "v1"))
+        .await
+        .unwrap();
     d.kill9();
     // The node reboots: the pool's filesystem is not mounted yet.
     drop(bind);
@@ -651,6 +655,17 @@ async fn delete_while_a_pool_is_not_ready_is_unavailable() {
             "DeleteVolume {id} while pool tpl is not mounted: {r:?}"
         );
     }
+    // The same for snapshots: a delete that found nothing must not say OK
+    // (the snapshotter would forget a snapshot that still holds data).
+    for id in ["s1", "never-was"] {
+        let call = d.c.controller.delete_snapshot(delete_snapshot_req(id));
+        let r = bounded("DeleteSnapshot", RPC_BOUND, call).await;
+        assert_eq!(
+            code(&r),
+            Code::Unavailable,
+            "DeleteSnapshot {id} while pool tpl is not mounted: {r:?}"
+        );
+    }
 
     let _bind = MountGuard::bind(&fs.mount_point, &mnt);
     let mut listed = Vec::new();
@@ -664,6 +679,10 @@ async fn delete_while_a_pool_is_not_ready_is_unavailable() {
         "v1 is not listed once its pool is mounted: {listed:?}"
     );
     assert_eq!(fs::read(mnt.join("v1/keep")).unwrap(), b"data");
+    d.c.controller
+        .delete_snapshot(delete_snapshot_req("s1"))
+        .await
+        .unwrap();
     d.c.controller
         .delete_volume(delete_req("v1"))
         .await

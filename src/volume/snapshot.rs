@@ -151,8 +151,25 @@ impl Core {
 
     pub fn get_snapshot(&self, id: &str) -> CoreResult<Snapshot> {
         validate_name("snapshot_id", id)?;
-        self.find_snapshot(id)?
-            .ok_or_else(|| CoreError::missing(Object::Snapshot, id, &self.node_id))
+        match self.find_snapshot(id)? {
+            Some(s) => Ok(s),
+            None => Err(self
+                .snapshot_pool_not_ready(id)
+                .unwrap_or_else(|| CoreError::missing(Object::Snapshot, id, &self.node_id))),
+        }
+    }
+
+    /// UNAVAILABLE for snapshot `id` when some pool is not ready (waiting
+    /// for its mount): the snapshot may be in it, so "not found" (or a
+    /// delete that does nothing) would be a guess.
+    fn snapshot_pool_not_ready(&self, id: &str) -> Option<CoreError> {
+        self.pools()
+            .iter()
+            .find(|p| !p.is_initialized())
+            .map(|p| CoreError::PoolUnavailable {
+                pool: p.name.clone(),
+                why: format!("it is not ready, and snapshot {id} may be in it"),
+            })
     }
 
     /// Takes a snapshot of `source_id`, or returns the existing one by name.
@@ -262,6 +279,7 @@ impl Core {
             return Ok(());
         }
         let _guard = self.guards.acquire(Object::Snapshot, id, Access::Write)?;
+        let mut found = false;
         for pool in self.pools() {
             let Ok(dirs) = pool.dirs() else { continue };
             if nix::sys::stat::fstatat(
@@ -288,6 +306,12 @@ impl Core {
                 .context(|| "flush the snapshot directory".into())?;
             pool.discard_snapshot(&dirs, doomed);
             tracing::info!(snapshot = id, pool = %pool.name, "snapshot deleted");
+            found = true;
+        }
+        if !found {
+            if let Some(e) = self.snapshot_pool_not_ready(id) {
+                return Err(e);
+            }
         }
         self.snapshot_index.remove(id);
         Ok(())
