@@ -1006,6 +1006,20 @@ async fn image_clones_are_grown_and_keep_their_filesystem() {
         restore_of(image_volume("img4-back", 64 * MIB, ""), "img4-snap"),
     )
     .await;
+    // Another filesystem asked for: refused, not made unstageable.
+    for req in [
+        clone_of(image_volume("img4-as-xfs", 400 * MIB, "xfs"), "img4"),
+        restore_of(image_volume("img4-back-xfs", 400 * MIB, "xfs"), "img4-snap"),
+    ] {
+        let r = d.c.controller.create_volume(req).await;
+        assert_code(
+            &r,
+            Code::InvalidArgument,
+            "a clone asking for another filesystem",
+        );
+    }
+    let ids = listed_ids(&mut d.c).await;
+    assert!(!ids.iter().any(|i| i.ends_with("-xfs")), "{ids:?}");
     for (id, from, min_size) in [
         ("img-big", "img", 600 * UMIB),
         ("img4-copy", "img4", 100 * UMIB),

@@ -140,6 +140,7 @@ impl Core {
         )?;
         self.check_room(pool, capacity)?;
         let (source, _source_guard) = self.hold_source(req.source.as_ref())?;
+        check_source_filesystem(source.as_ref(), req.fs_type.as_deref(), layout)?;
         let mut meta = VolumeMeta {
             id: req.name.clone(),
             pool: pool.name.clone(),
@@ -418,6 +419,26 @@ fn check_compatible(
         if !asked.is_empty() && have.name() != asked {
             return conflict("filesystem", have.name().into(), asked.into());
         }
+    }
+    Ok(())
+}
+
+/// A clone or restore of an image keeps its source's filesystem: one that
+/// asks for another could never be staged with the capability it asked
+/// for, so it is refused rather than made unusable.
+fn check_source_filesystem(
+    source: Option<&SourceView>,
+    asked: Option<&str>,
+    layout: Layout,
+) -> CoreResult<()> {
+    let (Some(have), Some(asked)) = (source.and_then(|s| s.fs_type), asked) else {
+        return Ok(());
+    };
+    if layout.holds_filesystem() && !asked.is_empty() && have.name() != asked {
+        return Err(CoreError::Unacceptable(format!(
+            "the source is a {} image and a clone keeps its filesystem; this volume asks for {asked}",
+            have.name()
+        )));
     }
     Ok(())
 }
