@@ -145,6 +145,8 @@ pub enum CoreError {
     },
     #[error("{what} is damaged: {why}")]
     Damaged { what: String, why: String },
+    #[error("the metadata of volume {id} is damaged ({why}); it is kept as it is for an admin, and is not changed until it is repaired")]
+    MetadataDamaged { id: String, why: String },
     #[error("{0}")]
     Internal(String),
 }

@@ -757,6 +757,19 @@ async fn damaged_metadata_case(how: &str) {
         );
     }
     check_listing(&mut d, &all).await;
+    // Expand and modify would write the inferred guess back over what was
+    // lost, and hide the damage: refused, and the volume stays abnormal.
+    let r =
+        d.c.controller
+            .controller_expand_volume(grow_req(how, 2 * GIB, Some(rwo())))
+            .await;
+    assert_code(&r, Code::FailedPrecondition, "expanding damaged metadata");
+    let r =
+        d.c.controller
+            .controller_modify_volume(modify_req(how, &[("preallocation", "true")]))
+            .await;
+    assert_code(&r, Code::FailedPrecondition, "modifying damaged metadata");
+    check_listing(&mut d, &all).await;
     let caps = ControllerGetCapabilitiesRequest {};
     let caps =
         d.c.controller

@@ -19,6 +19,7 @@ pub fn code_of(e: &CoreError) -> Code {
         | E::MountInside { .. }
         | E::SingleWriterTaken { .. }
         | E::MountBusy { .. }
+        | E::MetadataDamaged { .. }
         | E::NotPossibleHere(_)
         | E::ToolMissing { .. } => Code::FailedPrecondition,
         E::NoSpace { .. } | E::NotOnThisNode(_) => Code::ResourceExhausted,

@@ -24,6 +24,7 @@ impl Core {
         validate_name("volume_id", id)?;
         let _guard = self.guards.acquire(Object::Volume, id, Access::Write)?;
         let vol = self.get_volume(id)?;
+        refuse_if_damaged(&vol)?;
         let pool = self.pool_of(&vol)?;
         let m = &vol.meta;
         let node_expansion_required = m.layout.is_file();
@@ -89,6 +90,7 @@ impl Core {
         let Some(true) = asked.preallocate else {
             return Ok(());
         };
+        refuse_if_damaged(&vol)?;
         vol.layout()
             .preallocate(&vol)
             .map_err(|e| e.in_pool(&pool.name, || format!("preallocating volume {id}")))?;
@@ -99,5 +101,18 @@ impl Core {
         }
         tracing::info!(volume = id, "volume preallocated");
         Ok(())
+    }
+}
+
+/// Metadata that could not be read is inferred for serving; writing the
+/// guess back would erase what it lost (block size, source) and hide the
+/// damage. Changes wait for an admin.
+fn refuse_if_damaged(vol: &super::Volume) -> CoreResult<()> {
+    match &vol.problem {
+        Some(why) => Err(CoreError::MetadataDamaged {
+            id: vol.id().to_owned(),
+            why: why.to_string(),
+        }),
+        None => Ok(()),
     }
 }
