@@ -970,3 +970,35 @@ async fn failed_expand_leaves_size_and_capacity_unchanged() {
         );
     }
 }
+
+/// A pool renamed (the CR's deprecated `pathConfig`, pool `legacy`, moved
+/// to `storagePools`): its volumes are served under the pool they lie in,
+/// not refused for the name their metadata was written under.
+#[tokio::test]
+async fn volumes_of_a_renamed_pool_are_served_where_they_lie() {
+    let base = tempfile::Builder::new()
+        .prefix("hpc-renamed-")
+        .tempdir()
+        .unwrap();
+    let pool = base.path().join("pool");
+    let datadir = |name: &str| serde_json::json!([{"name": name, "path": pool}]).to_string();
+    let mut d = Driver::start_with_datadir(&datadir("legacy")).await;
+    create_ok(&mut d.c, dir_volume("v", GIB)).await;
+    fs::write(pool.join("v/data"), b"kept").unwrap();
+    drop(d);
+    let mut d = Driver::start_with_datadir(&datadir("local")).await;
+    d.c.controller
+        .controller_expand_volume(grow_req("v", 2 * GIB, Some(rwo())))
+        .await
+        .unwrap();
+    d.c.controller
+        .create_snapshot(snapshot_req("s", "v"))
+        .await
+        .unwrap();
+    assert_eq!(fs::read(pool.join("v/data")).unwrap(), b"kept");
+    delete_ok(&mut d.c, "v").await;
+    d.c.controller
+        .delete_snapshot(delete_snapshot_req("s"))
+        .await
+        .unwrap();
+}

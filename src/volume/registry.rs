@@ -158,7 +158,12 @@ impl Core {
         let inferred = || VolumeMeta::inferred(id, &pool.name, ft.is_dir(), st.len());
         let dirs = pool.dirs()?;
         let (meta, legacy, problem) = match meta::read(&dirs, id) {
-            Found::Present(m) if m.layout.is_file() != ft.is_dir() => (m, false, None),
+            Found::Present(mut m) if m.layout.is_file() != ft.is_dir() => {
+                // The pool it lies in, whatever name it was made under (a
+                // pool renamed, or `pathConfig` moved to `storagePools`).
+                m.pool.clone_from(&pool.name);
+                (m, false, None)
+            }
             Found::Present(m) => (
                 inferred(),
                 true,
