@@ -934,6 +934,22 @@ async fn go_driver_volume_is_listed_and_publishable() {
             .create_volume(block_volume("pvc-bare", GIB))
             .await;
     assert_code(&r, Code::AlreadyExists, "a bare file smaller than asked");
+    // A bare directory asked for as a clone or restore: nothing says it
+    // holds the source's content (the Go driver fills it after making it),
+    // so it is never acknowledged as one.
+    create_ok(&mut d.c, dir_volume("pvc-src", GIB)).await;
+    std::fs::write(d.pool().join("pvc-src/disk.img"), b"whole disk").unwrap();
+    std::fs::create_dir(d.pool().join("pvc-half")).unwrap();
+    std::fs::write(d.pool().join("pvc-half/disk.img"), b"wh").unwrap();
+    let r =
+        d.c.controller
+            .create_volume(clone_of(dir_volume("pvc-half", GIB), "pvc-src"))
+            .await;
+    assert_code(&r, Code::AlreadyExists, "a bare directory as a clone");
+    assert_eq!(
+        std::fs::read(d.pool().join("pvc-half/disk.img")).unwrap(),
+        b"wh"
+    );
 }
 
 #[tokio::test]

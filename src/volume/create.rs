@@ -457,6 +457,18 @@ fn adopt(mut existing: Volume, req: &CreateRequest, pool: &Pool) -> CoreResult<V
             asked: "a healthy volume".into(),
         });
     }
+    if let Some(source) = &req.source {
+        // Nothing says it holds the source's content: the Go driver makes
+        // the directory first and fills it after, so one it was cut off in
+        // is half a copy. Never acknowledged as a clone or restore.
+        return Err(CoreError::Conflict {
+            kind: Object::Volume,
+            id: req.name.clone(),
+            field: "content source",
+            have: "a volume made without metadata, whose content is unknown".into(),
+            asked: format!("{source:?}"),
+        });
+    }
     let (required, limit) = (
         req.required_bytes.max(0) as u64,
         req.limit_bytes.max(0) as u64,
@@ -488,7 +500,6 @@ fn adopt(mut existing: Volume, req: &CreateRequest, pool: &Pool) -> CoreResult<V
         req.limit_bytes,
         pool.usage()?.total_bytes,
     )?;
-    m.source = req.source.clone();
     meta::write(&*pool.dirs()?, m)?;
     existing.legacy = false;
     tracing::info!(volume = %req.name, pool = %pool.name, capacity = m.capacity_bytes, "adopted a volume made without metadata (the Go driver's)");
