@@ -59,7 +59,8 @@ pub fn decide_capacity(
         ));
     }
     let wanted = match (required, sizing.default) {
-        (0, Some(default)) if limit > 0 => default.min(limit),
+        // Nothing required: the default, or the most the limit allows.
+        (0, Some(default)) if limit > 0 => default.min(limit / 4096 * 4096),
         (0, Some(default)) => default,
         _ => required,
     };
@@ -521,6 +522,14 @@ mod tests {
         minimum: 1 << 20,
         default: Some(GIB),
     };
+
+    #[test]
+    fn nothing_required_under_an_unaligned_limit_takes_the_aligned_limit() {
+        assert_eq!(
+            decide_capacity(FILE, 0, (100 << 20) + 1, 10 * GIB).unwrap(),
+            100 << 20
+        );
+    }
 
     #[test]
     fn capacities_round_within_the_range() {
