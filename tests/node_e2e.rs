@@ -181,7 +181,7 @@ async fn block(k: &mut Cluster, steps: &Steps) {
     k.unpublish(&pv, &pod).await;
     k.unstage(&pv).await;
     assert_eq!(
-        k.node.attached_loops(),
+        k.node.settled_loops().await,
         Vec::<u32>::new(),
         "loop device detached"
     );
@@ -257,7 +257,7 @@ async fn image(k: &mut Cluster, steps: &Steps) {
     k.unpublish(&pv, &pod).await;
     k.unstage(&pv).await;
     assert_eq!(
-        k.node.attached_loops(),
+        k.node.settled_loops().await,
         Vec::<u32>::new(),
         "loop device detached"
     );
@@ -281,7 +281,7 @@ async fn image_ext4(k: &mut Cluster, steps: &Steps) {
     k.unpublish(&pv, &pod).await;
     k.unstage(&pv).await;
     assert_eq!(
-        k.node.attached_loops(),
+        k.node.settled_loops().await,
         Vec::<u32>::new(),
         "loop device detached"
     );
@@ -299,7 +299,7 @@ async fn rendered_daemonset_serves_kubelet() {
     block(&mut k, &steps).await;
     image(&mut k, &steps).await;
     image_ext4(&mut k, &steps).await;
-    k.finish();
+    k.finish().await;
     steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
 }
 
@@ -325,7 +325,7 @@ async fn operator_daemonset_serves_kubelet() {
     directory(&mut k, &steps).await;
     block(&mut k, &steps).await;
     image(&mut k, &steps).await;
-    k.finish();
+    k.finish().await;
     steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
 }
 
@@ -393,7 +393,7 @@ async fn restart_in_place_keeps_published_volumes() {
         k.unstage(pv).await;
         let file = k.volume_file(pv);
         assert_eq!(
-            k.node.loops_on(&file),
+            k.node.settled_loops_on(&file).await,
             Vec::<u32>::new(),
             "{} still on a loop device",
             pv.name
@@ -401,6 +401,6 @@ async fn restart_in_place_keeps_published_volumes() {
         k.delete(pv).await;
     }
     steps.step("unpublish, unstage (loop devices detached) and delete through the new container");
-    k.finish();
+    k.finish().await;
     steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
 }

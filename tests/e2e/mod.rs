@@ -467,7 +467,7 @@ impl Cluster {
     /// Stops and removes the driver, then checks that nothing is left:
     /// no mounts under the node, no loop devices on its files, no containers,
     /// no volumes in the pool.
-    pub fn finish(mut self) {
+    pub async fn finish(mut self) {
         self.node.stop(&self.container);
         self.node.remove_containers();
         assert_eq!(self.node.leftover_containers(), Vec::<String>::new());
@@ -477,7 +477,7 @@ impl Cluster {
             "mounts left on the node"
         );
         assert_eq!(
-            self.node.attached_loops(),
+            self.node.settled_loops().await,
             Vec::<u32>::new(),
             "loop devices left"
         );

@@ -115,6 +115,33 @@ impl Node {
             .collect()
     }
 
+    /// Loop devices on tracked files once detaches settle: a detach the
+    /// driver asked for while another process had the device open for a
+    /// moment (another driver's start-up scan, udev, lsblk) completes at
+    /// that process's close, an instant later.
+    pub async fn settled_loops(&self) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.attached_loops();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `loops_on` once detaches settle (see `settled_loops`).
+    pub async fn settled_loops_on(&self, host_file: &Path) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.loops_on(host_file);
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Loop devices on one file (by device and inode: the kernel keeps the
     /// path the container saw).
     pub fn loops_on(&self, host_file: &Path) -> Vec<u32> {
