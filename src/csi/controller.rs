@@ -12,7 +12,9 @@ use crate::proto::controller_service_capability::rpc::Type as RpcType;
 use crate::proto::controller_service_capability::{Rpc, Type as CapType};
 use crate::proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use crate::proto::*;
-use crate::volume::capability::{check_capabilities, check_capability, fs_type_of, Validation};
+use crate::volume::capability::{
+    check_capabilities, check_capability, check_layout_access, fs_type_of, Validation,
+};
 use crate::volume::snapshot::{Snapshot, Take};
 use crate::volume::{params, ContentSource, Core, CreateParams, CreateRequest, Volume};
 
@@ -131,6 +133,8 @@ fn create(core: &Core, req: CreateVolumeRequest) -> CoreResult<CreateVolumeRespo
     let pool = core.pool(params.storage_pool.as_deref())?;
     let caps = capabilities(&req.volume_capabilities);
     let mode = check_capabilities(&caps, pool.shared)?;
+    let access: Vec<_> = caps.iter().map(|c| c.access).collect();
+    check_layout_access(&access, params.layout_for(mode)?)?;
     core.check_topology(
         pool.shared,
         &requisite_nodes(&req.accessibility_requirements),

@@ -43,6 +43,7 @@ fn stage(core: &Core, req: NodeStageVolumeRequest) -> CoreResult<NodeStageVolume
         volume_id: req.volume_id,
         staging: PathBuf::from(req.staging_target_path),
         mode,
+        access: cap.access,
         fs_type: Some(cap.fs_type).filter(|t| !t.is_empty()),
         mount_flags: cap.mount_flags,
     })?;
@@ -64,7 +65,11 @@ fn publish(core: &Core, req: NodePublishVolumeRequest) -> CoreResult<NodePublish
             .filter(|s| !s.is_empty())
             .map(PathBuf::from),
         mode,
-        read_only: req.readonly || cap.access == AccessMode::SingleNodeReaderOnly,
+        read_only: req.readonly
+            || matches!(
+                cap.access,
+                AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+            ),
         mount_flags: cap.mount_flags,
         single_writer: cap.access == AccessMode::SingleNodeSingleWriter,
         ephemeral: ephemeral.then_some(req.volume_context),

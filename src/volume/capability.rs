@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::{params, Core, CreateParams, Volume, VolumeMode};
+use super::{params, Core, CreateParams, Layout, Volume, VolumeMode};
 use crate::error::{CoreError, CoreResult};
 
 /// A capability's access mode.
@@ -63,6 +63,22 @@ pub fn check_capability(cap: &Capability, shared_pool: bool) -> CoreResult<Volum
     cap.mode.ok_or(CoreError::Required {
         field: "volume_capability.access_type",
     })
+}
+
+/// A `layout: image` volume holds one filesystem, which only one kernel may
+/// mount: multi-node access modes (a live migration mounts a RWX claim on
+/// two nodes at once) would mount it twice and corrupt it.
+pub fn check_layout_access(access: &[AccessMode], layout: Layout) -> CoreResult<()> {
+    if !layout.holds_filesystem() {
+        return Ok(());
+    }
+    match access.iter().find(|a| !a.single_node()) {
+        Some(a) => Err(CoreError::Unacceptable(format!(
+            "access mode {a:?} is not supported for layout {}: its filesystem can be mounted on one node only (use layout directory or a Block volume for multi-node access)",
+            layout.name()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Checks a list of capabilities; they must agree on one volume mode.
@@ -183,6 +199,10 @@ fn unconfirmed_because(
                 have.name()
             ));
         }
+    }
+    let access: Vec<AccessMode> = caps.iter().map(|c| c.access).collect();
+    if let Err(e) = check_layout_access(&access, vol.meta.layout) {
+        return Some(e.to_string());
     }
     match check_capabilities(caps, shared) {
         Ok(mode) if mode == vol.meta.mode => None,

@@ -29,6 +29,7 @@ pub struct StageRequest {
     pub volume_id: String,
     pub staging: PathBuf,
     pub mode: VolumeMode,
+    pub access: super::capability::AccessMode,
     /// The capability's `fs_type` (empty: any).
     pub fs_type: Option<String>,
     pub mount_flags: Vec<String>,
@@ -172,6 +173,13 @@ impl Core {
             .acquire(Object::Volume, &req.volume_id, Access::Node)?;
         let vol = self.get_volume(&req.volume_id)?;
         check_access_type(&vol, req.mode)?;
+        super::capability::check_layout_access(&[req.access], vol.meta.layout).map_err(|_| {
+            CoreError::CapabilityMismatch {
+                id: vol.id().to_owned(),
+                have: format!("a {} volume (one node mounts it)", vol.meta.layout.name()),
+                asked: format!("{:?} access", req.access),
+            }
+        })?;
         if let Some(root) = mount::mounted_at(&staging)? {
             if vol.layout().owns_target(&vol, &root) {
                 return Ok(());
