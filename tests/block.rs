@@ -1580,3 +1580,53 @@ async fn a_loop_device_another_process_attached_is_never_taken_or_detached() {
     hostpath_csi::block::rescan();
     delete_ok(&mut d.c, "pvc-inspected").await;
 }
+
+/// A process in another mount namespace keeps an image's filesystem
+/// mounted after unstage (a privileged pod that copied the host's mounts):
+/// the detach waits for it. A new stage must not mount the filesystem a
+/// second time through another device (two instances of one XFS corrupt
+/// it): FAILED_PRECONDITION naming the device, until that process is gone.
+#[tokio::test]
+async fn stage_never_mounts_an_image_through_a_second_device() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, image_volume("pvc-held", 320 * MIB, "xfs")).await;
+    let t = d.path("pods/held");
+    stage_publish(&mut d.c, "pvc-held", &t, mount_cap_fs("xfs")).await;
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // A private copy of the mount table holds the filesystem.
+    let holder = Holder(
+        std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "600"])
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unpublish_unstage(&mut d.c, "pvc-held", &t).await;
+    let staging = staging_for(&t);
+    let r =
+        d.c.node
+            .node_stage_volume(stage_req("pvc-held", &staging, mount_cap_fs("xfs")))
+            .await;
+    assert_code(
+        &r,
+        Code::FailedPrecondition,
+        "a second mount through a new device",
+    );
+    assert!(!is_mount_point(&staging));
+    assert_eq!(
+        loops_under(d.pool()).len(),
+        1,
+        "a second device was attached"
+    );
+    drop(holder);
+    assert!(settled_loops(d.pool()).await.is_empty());
+    stage_publish(&mut d.c, "pvc-held", &t, mount_cap_fs("xfs")).await;
+    unpublish_unstage(&mut d.c, "pvc-held", &t).await;
+    assert!(settled_loops(d.pool()).await.is_empty());
+}

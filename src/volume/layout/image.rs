@@ -32,6 +32,27 @@ fn fs_of(vol: &Volume) -> ImageFs {
 fn attach_and_mount(vol: &Volume, at: &Path, flags: MsFlags) -> CoreResult<LoopDevice> {
     fs::create_dir_all(at).context(|| format!("create {}", at.display()))?;
     let fs = fs_of(vol);
+    // Another device on the image (one whose detach waits for a process
+    // that still holds it, or another process's) may still carry a mounted
+    // instance of the filesystem: a second one through a new device, or a
+    // fsck of it, would corrupt it.
+    if let Some(other) = file_backed::devices(vol)?
+        .into_iter()
+        .find(|d| !d.ours || d.autoclear)
+    {
+        return Err(CoreError::VolumeInUse {
+            id: vol.id().to_owned(),
+            by: format!(
+                "{} still backs its image ({}); it is not mounted again through another device",
+                other.path.display(),
+                if other.ours {
+                    "its detach waits for a process that holds it open, maybe a mount in another mount namespace"
+                } else {
+                    "attached by another process"
+                }
+            ),
+        });
+    }
     let dev = file_backed::ensure_attached(vol, false)?;
     let undo = |e: CoreError| {
         let _ = file_backed::release(vol, Duration::ZERO, false);
