@@ -1630,3 +1630,30 @@ async fn stage_never_mounts_an_image_through_a_second_device() {
     unpublish_unstage(&mut d.c, "pvc-held", &t).await;
     assert!(settled_loops(d.pool()).await.is_empty());
 }
+
+/// A crash between unstage's unmount and its detach leaves the image's
+/// loop device attached with nothing mounted: the retried NodeUnstage
+/// releases it.
+#[tokio::test]
+async fn retried_unstage_releases_an_image_device_left_by_a_crash() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, image_volume("pvc-retry", 320 * MIB, "xfs")).await;
+    let staging = d.path("staging/retry");
+    d.c.node
+        .node_stage_volume(stage_req("pvc-retry", &staging, mount_cap_fs("xfs")))
+        .await
+        .unwrap();
+    d.kill9();
+    nix::mount::umount(&staging).unwrap();
+    d.restart().await;
+    assert_eq!(loops_under(d.pool()).len(), 1);
+    d.c.node
+        .node_unstage_volume(unstage_req("pvc-retry", &staging))
+        .await
+        .unwrap();
+    assert!(
+        settled_loops(d.pool()).await.is_empty(),
+        "the device was left"
+    );
+    delete_ok(&mut d.c, "pvc-retry").await;
+}

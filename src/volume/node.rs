@@ -208,6 +208,10 @@ impl Core {
         if !self.unmount_own(&vol, &staging)?.is_empty() {
             vol.layout().release(&vol, DETACH_WAIT, false)?;
             tracing::info!(volume = id, staging = %staging.display(), "volume unstaged");
+        } else if vol.layout().holds_filesystem() {
+            // A retry after a crash between the unmount and the detach:
+            // release the devices no mount uses any more.
+            vol.layout().release(&vol, DETACH_WAIT, false)?;
         }
         Ok(())
     }
