@@ -1657,3 +1657,31 @@ async fn retried_unstage_releases_an_image_device_left_by_a_crash() {
     );
     delete_ok(&mut d.c, "pvc-retry").await;
 }
+
+/// NodeStageVolume again at a path where the image is staged: the same
+/// capability is OK; another filesystem type or mount flags the staging
+/// mount lacks are ALREADY_EXISTS, as the spec says.
+#[tokio::test]
+async fn restage_with_another_capability_is_already_exists() {
+    let mut d = Driver::start().await;
+    create_ok(&mut d.c, image_volume("pvc-restage", 320 * MIB, "xfs")).await;
+    let staging = d.path("staging/restage");
+    let stage = |cap| stage_req("pvc-restage", &staging, cap);
+    for _ in 0..2 {
+        d.c.node
+            .node_stage_volume(stage(mount_cap_fs("xfs")))
+            .await
+            .unwrap();
+    }
+    let ro =
+        hostpath_csi::client::capability(Mode::SingleNodeWriter, false, "xfs", &["ro".to_string()]);
+    for (what, cap) in [("ext4", mount_cap_fs("ext4")), ("ro", ro)] {
+        let r = d.c.node.node_stage_volume(stage(cap)).await;
+        assert_code(&r, Code::AlreadyExists, what);
+    }
+    d.c.node
+        .node_unstage_volume(unstage_req("pvc-restage", &staging))
+        .await
+        .unwrap();
+    assert!(settled_loops(d.pool()).await.is_empty());
+}

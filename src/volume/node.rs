@@ -182,7 +182,7 @@ impl Core {
         })?;
         if let Some(root) = mount::mounted_at(&staging)? {
             if vol.layout().owns_target(&vol, &root) {
-                return Ok(());
+                return same_staging(&vol, &staging, req);
             }
             return Err(CoreError::ForeignContent {
                 path: staging,
@@ -488,6 +488,31 @@ fn same_publication(
             id: req.volume_id.clone(),
             path: req.target.clone(),
             have: have.join(","),
+        });
+    }
+    Ok(())
+}
+
+/// A stage asked again at a path where the volume is staged: OK when it
+/// asks for what is there, else the spec's ALREADY_EXISTS (another
+/// filesystem type, or mount flags the staging mount does not have).
+fn same_staging(vol: &Volume, staging: &Path, req: &StageRequest) -> CoreResult<()> {
+    let wrong_fs = match (vol.meta.fs_type, req.fs_type.as_deref()) {
+        (Some(have), Some(asked)) => have.name() != asked,
+        _ => false,
+    };
+    let flags = mount::parse_mount_flags(&req.mount_flags)?;
+    let have = mount::visible_options(staging)?;
+    let same_flags = mount::flags_visible(flags).iter().all(|o| have.contains(o));
+    if wrong_fs || !same_flags {
+        return Err(CoreError::PublishedDifferently {
+            id: vol.id().to_owned(),
+            path: staging.to_owned(),
+            have: format!(
+                "{} {}",
+                vol.meta.fs_type.map_or("", |f| f.name()),
+                have.join(",")
+            ),
         });
     }
     Ok(())
