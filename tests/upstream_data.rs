@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::fs;
+
 use common::*;
 use hostpath_csi::proto::*;
 use tonic::Code;
@@ -69,4 +71,35 @@ async fn go_driver_snapshots_are_listed_and_restorable_and_never_volumes() {
             .delete_snapshot(delete_snapshot_req("snap-go"));
     r.await.unwrap();
     assert!(!snapshots.join("snap-go").exists());
+}
+
+/// The Go driver's inline ephemeral volume (`csi-<sha256>`, a directory
+/// without metadata), published again by kubelet after the image swap: it
+/// is served as it is, never taken over as a persistent volume, and goes
+/// at its last unpublish, as the Go driver would remove it.
+#[tokio::test]
+async fn go_driver_inline_volumes_are_served_and_removed_never_adopted() {
+    let mut d = Driver::start().await;
+    let id = format!("csi-{}", "0a".repeat(32));
+    let dir = d.pool().join(&id);
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("scratch"), b"pod data").unwrap();
+    let target = d.path("pods/uid/volumes/kubernetes.io~csi/scratch/mount");
+    d.c.node
+        .node_publish_volume(ephemeral_publish_req(&id, &target, &[]))
+        .await
+        .unwrap();
+    assert_eq!(fs::read(target.join("scratch")).unwrap(), b"pod data");
+    assert!(
+        !d.pool()
+            .join(format!(".hostpath-csi/volumes/{id}.json"))
+            .exists(),
+        "the Go driver's inline volume was adopted"
+    );
+    d.c.node
+        .node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    assert!(!is_mount_point(&target));
+    eventually_removed(&d, &id).await;
 }

@@ -273,7 +273,7 @@ impl Core {
         check_access_type(&vol, req.mode)?;
         // STAGE_UNSTAGE_VOLUME is advertised, so a CO stages first and says
         // where; kubelet never stages an inline ephemeral volume.
-        if req.staging.is_none() && !vol.meta.ephemeral {
+        if req.staging.is_none() && !is_ephemeral(&vol) {
             return Err(CoreError::NotStaged {
                 id: req.volume_id.clone(),
                 path: "(no staging_target_path: call NodeStageVolume first)".into(),
@@ -365,6 +365,15 @@ impl Core {
                 "inline ephemeral volumes are Filesystem volumes".into(),
             ));
         }
+        // The Go driver's own inline volume (a `csi-<sha256>` directory
+        // without metadata) is served as it is, never taken over as a
+        // persistent volume: it goes at its last unpublish.
+        if self
+            .find_volume(id)?
+            .is_some_and(|v| is_ephemeral(&v) && v.legacy)
+        {
+            return Ok(());
+        }
         let cap = self.settings.max_ephemeral_size;
         let size = match attributes.get(params::SIZE) {
             Some(q) => crate::config::cr::parse_quantity(q)
@@ -393,7 +402,8 @@ impl Core {
         self.create_volume(&CreateRequest {
             name: id.to_owned(),
             required_bytes: size as i64,
-            limit_bytes: 0,
+            // Rounding never takes it past the cap.
+            limit_bytes: cap as i64,
             mode,
             fs_type,
             params,
