@@ -283,12 +283,19 @@ impl HostPathProvisioner {
         self.spec
             .storage_pools
             .iter()
-            .map(|p| PoolConfig {
-                name: p.name.clone(),
-                path: PathBuf::from(&p.path).join(CSI_SUBDIR),
-                shared: p.pvc_template.as_ref().is_some_and(PvcTemplate::is_shared),
-                snapshot_path: None,
-                require_mount: p.pvc_template.is_some(),
+            .map(|p| {
+                let path = PathBuf::from(&p.path).join(CSI_SUBDIR);
+                PoolConfig {
+                    name: p.name.clone(),
+                    // Where upstream's operator puts the Go driver's snapshots.
+                    snapshot_path: p
+                        .snapshot_provider
+                        .as_ref()
+                        .map(|_| path.join(super::GO_SNAPSHOT_DIR)),
+                    path,
+                    shared: p.pvc_template.as_ref().is_some_and(PvcTemplate::is_shared),
+                    require_mount: p.pvc_template.is_some(),
+                }
             })
             .collect()
     }

@@ -55,9 +55,17 @@ struct DataDirEntry {
     shared: bool,
     #[serde(default)]
     snapshot_path: Option<String>,
+    /// Upstream's operator names one whenever it passes a `snapshotPath`
+    /// (`<path>/snapshots`); given alone, that is where the snapshots are.
+    #[serde(default)]
+    snapshot_provider: Option<String>,
     #[serde(default)]
     require_mount: bool,
 }
+
+/// The snapshot directory upstream's operator gives a pool with a
+/// `snapshotProvider`: `<pool path>/snapshots`.
+pub const GO_SNAPSHOT_DIR: &str = "snapshots";
 
 /// Where the Go driver finds a relative `--datadir` path: it hands the path
 /// to the OS as is, so it is relative to its working directory, which is `/`
@@ -90,15 +98,22 @@ pub fn parse_datadir(json: &str) -> Result<Vec<PoolConfig>, ConfigError> {
     }
     let pools = entries
         .into_iter()
-        .map(|e| PoolConfig {
-            path: PathBuf::from(resolve_datadir_path("path", e.path)),
-            shared: e.shared,
-            snapshot_path: e
-                .snapshot_path
-                .filter(|p| !p.is_empty())
-                .map(|p| PathBuf::from(resolve_datadir_path("snapshotPath", p))),
-            require_mount: e.require_mount,
-            name: e.name,
+        .map(|e| {
+            let path = PathBuf::from(resolve_datadir_path("path", e.path));
+            let snapshot_path = match e.snapshot_path.filter(|p| !p.is_empty()) {
+                Some(p) => Some(PathBuf::from(resolve_datadir_path("snapshotPath", p))),
+                None => e
+                    .snapshot_provider
+                    .filter(|p| !p.is_empty())
+                    .map(|_| path.join(GO_SNAPSHOT_DIR)),
+            };
+            PoolConfig {
+                path,
+                shared: e.shared,
+                snapshot_path,
+                require_mount: e.require_mount,
+                name: e.name,
+            }
         })
         .collect::<Vec<_>>();
     validate_pools(&pools, |i| format!("--datadir[{i}]"))?;
@@ -209,6 +224,20 @@ mod tests {
             Some(std::path::Path::new("/snap"))
         );
         assert!(!pools[1].shared);
+    }
+
+    #[test]
+    fn a_snapshot_provider_alone_finds_the_go_drivers_snapshot_directory() {
+        let pools = parse_datadir(
+            r#"[{"name":"local","path":"/p/csi","snapshotProvider":"reflink"},
+                {"name":"b","path":"/b"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            pools[0].snapshot_path.as_deref(),
+            Some(std::path::Path::new("/p/csi/snapshots"))
+        );
+        assert_eq!(pools[1].snapshot_path, None);
     }
 
     #[test]

@@ -82,6 +82,10 @@ struct DataDir<'a> {
     /// pvcTemplate pools: the driver waits for the mounter's mount.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     require_mount: bool,
+    /// Where upstream's operator puts a snapshot provider's snapshots, so
+    /// the Go driver's are found (and never taken for a volume).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshot_provider: Option<&'a str>,
 }
@@ -94,6 +98,10 @@ pub(crate) fn datadir_json(pools: &[Pool<'_>]) -> String {
             path: &p.csi_path,
             shared: p.shared,
             require_mount: p.template.is_some(),
+            snapshot_path: p
+                .snapshot_provider
+                .as_ref()
+                .map(|_| format!("{}/{}", p.csi_path, crate::config::GO_SNAPSHOT_DIR)),
             snapshot_provider: p.snapshot_provider.as_deref(),
         })
         .collect();
