@@ -1180,3 +1180,19 @@ fn the_crd_has_upstreams_status_and_template_fields() {
         assert!(!template[k].is_null(), "pvcTemplate.{k} missing");
     }
 }
+
+/// csi-resizer (with its default --handle-volume-inuse-error) lists and
+/// watches pods cluster-wide and starts no worker before that cache syncs:
+/// without the grant no PVC is ever expanded.
+#[test]
+fn the_sidecars_may_watch_pods_cluster_wide() {
+    let (docs, _) = render_docs(&read("deploy/examples/hpp-basic.yaml"), &golden_opts());
+    let role = find(&docs, "ClusterRole", "hostpath-csi");
+    let grants_pods = role["rules"].as_array().unwrap().iter().any(|r| {
+        strings(&r["resources"]).contains(&"pods".to_owned())
+            && ["list", "watch"]
+                .iter()
+                .all(|v| strings(&r["verbs"]).contains(&v.to_string()))
+    });
+    assert!(grants_pods, "{role}");
+}

@@ -209,6 +209,9 @@ fn cluster_role() -> Value {
             rule("", &["persistentvolumeclaims/status"], &["update", "patch"]),
             rule("", &["events"], &["get", "list", "watch", "create", "update", "patch"]),
             rule("", &["nodes"], READ),
+            // csi-resizer watches every pod (--handle-volume-inuse-error, on
+            // by default) and starts no worker until that cache syncs.
+            rule("", &["pods"], READ),
             rule("storage.k8s.io", &["storageclasses", "csinodes", "volumeattachments", "volumeattributesclasses"], READ),
             rule("snapshot.storage.k8s.io", &["volumesnapshotclasses"], READ),
             rule("snapshot.storage.k8s.io", &["volumesnapshots"], &["get", "list", "watch", "update", "patch"]),
