@@ -138,7 +138,10 @@ impl GoArgs {
             }
             _ => value,
         };
-        self.serve.push(format!("--{name}={value}"));
+        // Go's flag package keeps the last of a repeated flag.
+        let prefix = format!("--{name}=");
+        self.serve.retain(|a| !a.starts_with(&prefix));
+        self.serve.push(format!("{prefix}{value}"));
     }
 
     /// A flag this driver does not know: Go would refuse it, but a newer
@@ -290,6 +293,30 @@ mod tests {
         let got =
             GoArgs::parse(&args(&["-datadir", "[{\"a\":\"b=c\"}]", "-version", "-x"])).unwrap();
         assert_eq!(got.serve, ["--datadir=[{\"a\":\"b=c\"}]", "--version=-x"]);
+    }
+
+    #[test]
+    fn a_repeated_flag_keeps_its_last_value_as_go_does() {
+        let got = GoArgs::parse(&args(&[
+            "--datadir=a",
+            "--nodeid=n",
+            "--datadir=b",
+            "-metrics-tls-version=VersionTLS12",
+            "--metrics-tls-version=VersionTLS13",
+        ]))
+        .unwrap();
+        let datadirs: Vec<_> = got
+            .serve
+            .iter()
+            .filter(|a| a.starts_with("--datadir="))
+            .collect();
+        assert_eq!(datadirs, ["--datadir=b"]);
+        let tls: Vec<_> = got
+            .serve
+            .iter()
+            .filter(|a| a.starts_with("--metrics-tls-version="))
+            .collect();
+        assert_eq!(tls, ["--metrics-tls-version=VersionTLS13"]);
     }
 
     #[test]
