@@ -225,7 +225,7 @@ impl HostPathProvisioner {
                 ))
             }
             (Some(pc), true) => {
-                validate_pool_path(&pc.path)
+                validate_pool_path(&pc.path, super::MAX_POOL_PATH_LEN)
                     .map_err(|m| ConfigError::new("spec.pathConfig.path", m.to_string()))?;
                 warnings.push("spec.pathConfig is deprecated; use spec.storagePools".into());
             }
@@ -235,7 +235,7 @@ impl HostPathProvisioner {
             let at = format!("spec.storagePools[{i}]");
             validate_pool_name(&pool.name)
                 .map_err(|m| ConfigError::new(format!("{at}.name"), m.to_string()))?;
-            validate_pool_path(&pool.path)
+            validate_pool_path(&pool.path, super::MAX_POOL_PATH_LEN)
                 .map_err(|m| ConfigError::new(format!("{at}.path"), m.to_string()))?;
             let earlier = &spec.storage_pools[..i];
             if let Some(j) = earlier.iter().position(|p| p.name == pool.name) {

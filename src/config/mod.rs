@@ -11,8 +11,12 @@ pub use cr::HostPathProvisioner;
 
 /// Longest pool name (it is used in object names and StorageClass parameters).
 pub const MAX_POOL_NAME_LEN: usize = 50;
-/// Longest pool path.
+/// Longest pool path in a HostPathProvisioner CR (upstream's webhook).
 pub const MAX_POOL_PATH_LEN: usize = 255;
+/// Longest pool path the driver serves: a CR path plus the `/csi` it is
+/// given, and room below it for the private area and volume names within
+/// PATH_MAX.
+pub const MAX_SERVED_POOL_PATH_LEN: usize = 1024;
 
 /// One storage pool as the driver serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +132,7 @@ pub fn validate_pools(
     for (i, pool) in pools.iter().enumerate() {
         validate_pool_name(&pool.name)
             .map_err(|m| ConfigError::new(format!("{}.name", at(i)), m.to_string()))?;
-        validate_pool_path(&pool.path.to_string_lossy())
+        validate_pool_path(&pool.path.to_string_lossy(), MAX_SERVED_POOL_PATH_LEN)
             .map_err(|m| ConfigError::new(format!("{}.path", at(i)), m.to_string()))?;
         if let Some(j) = pools[..i].iter().position(|p| p.name == pool.name) {
             return Err(ConfigError::new(
@@ -182,13 +186,13 @@ pub fn validate_pool_name(name: &str) -> Result<(), FieldProblem> {
     Ok(())
 }
 
-/// A pool path must be absolute, not `/`, and at most 255 characters.
-pub fn validate_pool_path(path: &str) -> Result<(), FieldProblem> {
+/// A pool path must be absolute, not `/`, and at most `max` characters.
+pub fn validate_pool_path(path: &str, max: usize) -> Result<(), FieldProblem> {
     if path.is_empty() {
         return Err(FieldProblem::Empty);
     }
-    if path.len() > MAX_POOL_PATH_LEN {
-        return Err(FieldProblem::TooLong(path.len(), MAX_POOL_PATH_LEN));
+    if path.len() > max {
+        return Err(FieldProblem::TooLong(path.len(), max));
     }
     if !path.starts_with('/') {
         return Err(FieldProblem::NotAbsolute(path.to_owned()));
@@ -224,6 +228,17 @@ mod tests {
             Some(std::path::Path::new("/snap"))
         );
         assert!(!pools[1].shared);
+    }
+
+    #[test]
+    fn the_longest_cr_path_with_its_csi_directory_is_served() {
+        // A CR path of 255 characters (upstream's limit) becomes <path>/csi.
+        let path = format!("/{}/csi", "p".repeat(254));
+        let json = serde_json::json!([{"name": "local", "path": path}]).to_string();
+        assert!(parse_datadir(&json).is_ok());
+        let too_long = format!("/{}", "p".repeat(MAX_SERVED_POOL_PATH_LEN));
+        let json = serde_json::json!([{"name": "local", "path": too_long}]).to_string();
+        assert!(parse_datadir(&json).is_err());
     }
 
     #[test]
