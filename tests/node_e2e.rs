@@ -289,18 +289,27 @@ async fn image_ext4(k: &mut Cluster, steps: &Steps) {
     steps.step("image ext4: created, staged (mkfs.ext4 in the image), published, written, read back, torn down");
 }
 
+/// The full flows of a directory, a Block and an XFS image volume.
+async fn directory_block_image(k: &mut Cluster, steps: &Steps) {
+    directory(k, steps).await;
+    block(k, steps).await;
+    image(k, steps).await;
+}
+
+async fn finish(k: Cluster, steps: &Steps) {
+    k.finish().await;
+    steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the image from hack/image.sh, podman and root: run with --ignored"]
 async fn rendered_daemonset_serves_kubelet() {
     let steps = Steps::new("lifecycle");
     let mut k = Cluster::start("life").await;
     steps.step("driver container from the render is up");
-    directory(&mut k, &steps).await;
-    block(&mut k, &steps).await;
-    image(&mut k, &steps).await;
+    directory_block_image(&mut k, &steps).await;
     image_ext4(&mut k, &steps).await;
-    k.finish().await;
-    steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
+    finish(k, &steps).await;
 }
 
 /// Path A: kubevirt's operator keeps its DaemonSet and only the image is
@@ -322,11 +331,8 @@ async fn operator_daemonset_serves_kubelet() {
         "the operator mounts no /dev"
     );
     steps.step("driver container as the operator's DaemonSet runs it is up");
-    directory(&mut k, &steps).await;
-    block(&mut k, &steps).await;
-    image(&mut k, &steps).await;
-    k.finish().await;
-    steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
+    directory_block_image(&mut k, &steps).await;
+    finish(k, &steps).await;
 }
 
 /// A DaemonSet rolling update while volumes are published: the old
@@ -401,6 +407,5 @@ async fn restart_in_place_keeps_published_volumes() {
         k.delete(pv).await;
     }
     steps.step("unpublish, unstage (loop devices detached) and delete through the new container");
-    k.finish().await;
-    steps.step("driver stopped: no containers, mounts, loop devices or volumes left");
+    finish(k, &steps).await;
 }

@@ -162,24 +162,38 @@ async fn clone_racing_delete_of_its_source_is_whole_or_fails() {
         let delete = b.controller.delete_volume(delete_req(&src));
         let (rc, rd) = race(i, clone, delete).await;
         tally.add(format!("delete {:?}", code(&rd)));
-        match rc {
-            Ok(_) => whole_or_missing(
-                &d.pool().join(&cl),
-                &format!("round {i}: clone"),
-                &mut bad,
-                &mut tally,
-            ),
-            Err(s) => {
-                tally.add(format!("clone {:?}", s.code()));
-                if listed_ids(&mut d.c).await.contains(&cl) {
-                    bad.push(format!("round {i}: the failed clone {cl} is listed"));
-                }
-            }
-        }
+        judge_copy(&mut d, rc.map(drop), &cl, "clone", i, &mut bad, &mut tally).await;
         delete_until_gone(&mut d.c, &cl).await;
         delete_until_gone(&mut d.c, &src).await;
     }
     rounds.finish(&tally, &bad);
+}
+
+/// One round's copy (clone or restore) that raced a delete of its source:
+/// acknowledged means whole; failed means not listed.
+async fn judge_copy(
+    d: &mut Driver,
+    result: Result<(), tonic::Status>,
+    id: &str,
+    what: &str,
+    round: usize,
+    bad: &mut Vec<String>,
+    tally: &mut Tally,
+) {
+    match result {
+        Ok(()) => whole_or_missing(
+            &d.pool().join(id),
+            &format!("round {round}: {what}"),
+            bad,
+            tally,
+        ),
+        Err(s) => {
+            tally.add(format!("{what} {:?}", s.code()));
+            if listed_ids(&mut d.c).await.iter().any(|l| l == id) {
+                bad.push(format!("round {round}: the failed {what} {id} is listed"));
+            }
+        }
+    }
 }
 
 /// CreateVolume from a snapshot racing DeleteSnapshot: the restore is
@@ -201,20 +215,16 @@ async fn restore_racing_delete_of_its_snapshot_is_whole_or_fails() {
         let delete = b.controller.delete_snapshot(delete_snapshot_req(&snap));
         let (rr, rd) = race(i, restore, delete).await;
         tally.add(format!("delete snapshot {:?}", code(&rd)));
-        match rr {
-            Ok(_) => whole_or_missing(
-                &d.pool().join(&back),
-                &format!("round {i}: restore"),
-                &mut bad,
-                &mut tally,
-            ),
-            Err(s) => {
-                tally.add(format!("restore {:?}", s.code()));
-                if listed_ids(&mut d.c).await.contains(&back) {
-                    bad.push(format!("round {i}: the failed restore {back} is listed"));
-                }
-            }
-        }
+        judge_copy(
+            &mut d,
+            rr.map(drop),
+            &back,
+            "restore",
+            i,
+            &mut bad,
+            &mut tally,
+        )
+        .await;
         delete_until_gone(&mut d.c, &back).await;
         for _ in 0..100 {
             if d.c

@@ -512,14 +512,7 @@ impl ImageMount {
     /// Unmounts for real (not lazily), so the copy can be mounted next.
     fn unmount(self) {
         cleanup_kernel_state_below(&self.mount_point);
-        let mut last = Ok(());
-        for _ in 0..100 {
-            last = nix::mount::umount(&self.mount_point);
-            if last.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let last = unmount_patiently(&self.mount_point);
         assert!(
             last.is_ok(),
             "umount {}: {last:?}",
@@ -535,11 +528,7 @@ fn cleanup_kernel_state_below(root: &Path) {
         cleanup_kernel_state(&p);
         let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
-    for dev in hostpath_csi::block::list_attached() {
-        if dev.backing_file.starts_with(root) {
-            let _ = Command::new("losetup").arg("-d").arg(&dev.path).status();
-        }
-    }
+    detach_loops_under(root);
 }
 
 impl Drop for ImageMount {

@@ -24,7 +24,7 @@ impl Core {
         let _guard = self.guards.acquire(Object::Volume, id, Access::Write)?;
         let Some(vol) = self.find_volume(id)? else {
             // Gone, unless it is in a pool that is not ready yet.
-            return self.not_ready_pool(id).map_or(Ok(()), Err);
+            return self.not_ready_pool(Object::Volume, id).map_or(Ok(()), Err);
         };
         let pool = self.pool_of(&vol)?;
         let dirs = pool.dirs()?;

@@ -148,20 +148,13 @@ impl Core {
         Ok(path)
     }
 
-    /// The pool whose directory holds `path` (as written, or with its
-    /// parent's symlinks resolved).
+    /// The pool whose directory holds `path` (a request path, whose parent
+    /// `request_path` has already resolved; pool roots are resolved at
+    /// start-up).
     fn pool_holding(&self, path: &Path) -> Option<String> {
-        let resolved = path
-            .parent()
-            .and_then(|p| fs::canonicalize(p).ok())
-            .zip(path.file_name())
-            .map(|(p, name)| p.join(name));
         self.pools()
             .iter()
-            .find(|p| {
-                path.starts_with(&p.root)
-                    || resolved.as_ref().is_some_and(|r| r.starts_with(&p.root))
-            })
+            .find(|p| path.starts_with(&p.root))
             .map(|p| p.name.clone())
     }
 

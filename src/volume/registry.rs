@@ -212,20 +212,21 @@ impl Core {
         match self.find_volume(id)? {
             Some(v) => Ok(v),
             None => Err(self
-                .not_ready_pool(id)
+                .not_ready_pool(Object::Volume, id)
                 .unwrap_or_else(|| CoreError::missing(Object::Volume, id, &self.node_id))),
         }
     }
 
     /// UNAVAILABLE for `id` when some pool is not ready (waiting for its
-    /// mount): the volume may be in it, so "not found" would be a guess.
-    pub fn not_ready_pool(&self, id: &str) -> Option<CoreError> {
+    /// mount): the volume or snapshot may be in it, so "not found" (or a
+    /// delete that does nothing) would be a guess.
+    pub fn not_ready_pool(&self, kind: Object, id: &str) -> Option<CoreError> {
         self.pools()
             .iter()
             .find(|p| !p.is_initialized())
             .map(|p| CoreError::PoolUnavailable {
                 pool: p.name.clone(),
-                why: format!("it is not ready, and volume {id} may be in it"),
+                why: format!("it is not ready, and {kind} {id} may be in it"),
             })
     }
 

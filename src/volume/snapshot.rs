@@ -154,22 +154,9 @@ impl Core {
         match self.find_snapshot(id)? {
             Some(s) => Ok(s),
             None => Err(self
-                .snapshot_pool_not_ready(id)
+                .not_ready_pool(Object::Snapshot, id)
                 .unwrap_or_else(|| CoreError::missing(Object::Snapshot, id, &self.node_id))),
         }
-    }
-
-    /// UNAVAILABLE for snapshot `id` when some pool is not ready (waiting
-    /// for its mount): the snapshot may be in it, so "not found" (or a
-    /// delete that does nothing) would be a guess.
-    fn snapshot_pool_not_ready(&self, id: &str) -> Option<CoreError> {
-        self.pools()
-            .iter()
-            .find(|p| !p.is_initialized())
-            .map(|p| CoreError::PoolUnavailable {
-                pool: p.name.clone(),
-                why: format!("it is not ready, and snapshot {id} may be in it"),
-            })
     }
 
     /// Takes a snapshot of `source_id`, or returns the existing one by name.
@@ -309,7 +296,7 @@ impl Core {
             found = true;
         }
         if !found {
-            if let Some(e) = self.snapshot_pool_not_ready(id) {
+            if let Some(e) = self.not_ready_pool(Object::Snapshot, id) {
                 return Err(e);
             }
         }

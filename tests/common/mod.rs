@@ -86,11 +86,30 @@ pub fn cleanup_kernel_state(root: &Path) {
             let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+    detach_loops_under(root);
+}
+
+/// Detaches every loop device whose backing file lies below `root`.
+pub fn detach_loops_under(root: &Path) {
     for dev in hostpath_csi::block::list_attached() {
         if dev.backing_file.starts_with(root) {
             let _ = Command::new("losetup").arg("-d").arg(&dev.path).status();
         }
     }
+}
+
+/// Unmounts `path` for real (not lazily), retrying while it is busy for a
+/// moment (a process closing a file on it).
+pub fn unmount_patiently(path: &Path) -> nix::Result<()> {
+    let mut last = Ok(());
+    for _ in 0..100 {
+        last = nix::mount::umount(path);
+        if last.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    last
 }
 
 /// Loop devices whose backing file lies below `root`.
@@ -232,19 +251,8 @@ impl LoopFs {
         for p in below {
             let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
         }
-        for dev in hostpath_csi::block::list_attached() {
-            if dev.backing_file.starts_with(&self.mount_point) {
-                let _ = Command::new("losetup").arg("-d").arg(&dev.path).status();
-            }
-        }
-        let mut last = Ok(());
-        for _ in 0..100 {
-            last = nix::mount::umount(&self.mount_point);
-            if last.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        detach_loops_under(&self.mount_point);
+        let last = unmount_patiently(&self.mount_point);
         assert!(
             last.is_ok(),
             "cannot unmount {}: {last:?}",

@@ -176,17 +176,7 @@ impl LayoutKind for BlockFile {
     }
 
     fn node_expand(&self, _core: &Core, vol: &Volume) -> CoreResult<u64> {
-        let devs = file_backed::devices(vol)?;
-        let Some(dev) = devs.first().cloned() else {
-            return Err(CoreError::NotPossibleHere(format!(
-                "volume {} is not attached on this node",
-                vol.id()
-            )));
-        };
-        // Every user of the file (read-only and read-write devices) grows.
-        for d in &devs {
-            block::refresh_capacity(d)?;
-        }
+        let (dev, _) = file_backed::refresh_devices(vol)?;
         block::device_size(&dev.path)
     }
 

@@ -78,6 +78,23 @@ fn reachable_by_users(vol: &Volume, size: u64) -> CoreResult<u64> {
     Ok(if devices(vol)?.is_empty() { 0 } else { size })
 }
 
+/// Makes every device backing the file (read-only and read-write ones)
+/// see its new size; returns the first and all of them. Not attached here
+/// is `NotPossibleHere`.
+pub fn refresh_devices(vol: &Volume) -> CoreResult<(LoopDevice, Vec<LoopDevice>)> {
+    let devs = devices(vol)?;
+    let Some(first) = devs.first().cloned() else {
+        return Err(CoreError::NotPossibleHere(format!(
+            "volume {} is not attached on this node",
+            vol.id()
+        )));
+    };
+    for d in &devs {
+        block::refresh_capacity(d)?;
+    }
+    Ok((first, devs))
+}
+
 /// The loop devices backing the volume's file.
 pub fn devices(vol: &Volume) -> CoreResult<Vec<LoopDevice>> {
     Ok(FileId::of_path(&vol.path)?

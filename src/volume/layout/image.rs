@@ -217,16 +217,7 @@ impl LayoutKind for Image {
     }
 
     fn node_expand(&self, _core: &Core, vol: &Volume) -> CoreResult<u64> {
-        let devs = file_backed::devices(vol)?;
-        let Some(dev) = devs.first().cloned() else {
-            return Err(CoreError::NotPossibleHere(format!(
-                "volume {} is not attached on this node",
-                vol.id()
-            )));
-        };
-        for d in &devs {
-            block::refresh_capacity(d)?;
-        }
+        let (dev, devs) = file_backed::refresh_devices(vol)?;
         let fs = fs_of(vol);
         let mount_point = mount::mounts()?
             .into_iter()
